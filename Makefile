@@ -1,0 +1,41 @@
+# brain-ddpm: two commands on a fresh machine.
+#   make demo   set up .venv and run the whole pipeline on the embedded synthetic demo cohort
+#   make test   set up .venv and run the test suite
+# GPU cluster: make install TORCH_INDEX=https://download.pytorch.org/whl/cu126  (see README)
+
+PYTHON       ?= python3
+VENV         ?= .venv
+BIN          := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX  ?=
+PROFILE      ?= profiles/local
+SNAKE_ARGS   ?=
+PYTEST_ARGS  ?=
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip setuptools wheel
+	# torch first and pinned, so nothing else pulls a different (CUDA) build
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	# DeepSpeed's ops are JIT-compiled when needed; building in isolation would fetch another torch
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation deepspeed
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+demo: install
+	snakemake --profile $(PROFILE) --configfile config/config.yaml config/demo.yaml $(SNAKE_ARGS)
+	@echo "Report: results/demo/report/report.md  (HTML: make demo SNAKE_ARGS='--report results/demo/report.html')"
+
+test: install
+	pytest $(PYTEST_ARGS)
+
+lint: install
+	snakemake --lint --configfile config/config.yaml config/demo.yaml
+
+clean:
+	rm -rf results/demo resources/demo .snakemake

@@ -1,0 +1,20 @@
+# brain-ddpm: NIfTI -> manifest/split -> shards -> checkpoint -> samples -> metric parts -> report.
+# Declarations and includes only; the work happens in `brainddpm <subcommand>` (src/brainddpm).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),
+
+
+include: "workflow/rules/prepare.smk"

@@ -1,0 +1,134 @@
+"""Load, merge and validate the workflow configuration.
+
+The schema (schemas/config.schema.yaml) checks keys and types; `validate_config` adds the checks
+that need several keys at once (shapes that the UNet cannot take, MS-SSIM windows that do not fit).
+Every error names the offending key, e.g. ``config key 'model.channels': ...``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from .errors import ConfigError
+
+SCHEMA_PATH = files("brainddpm") / "schemas" / "config.schema.yaml"
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursively merge `override` into a copy of `base` (the way Snakemake merges --configfile)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(paths) -> dict:
+    """Read and merge YAML/JSON config files in order, then validate the result."""
+    cfg: dict = {}
+    for path in paths:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys")
+        cfg = deep_merge(cfg, data)
+    return validate_config(cfg)
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def validate_config(cfg: dict) -> dict:
+    """Validate `cfg` against the schema and the cross-key rules; return it unchanged."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if errors:
+        err = errors[0]
+        if err.validator == "additionalProperties":
+            known = set(err.schema.get("properties", {}))
+            unknown = sorted(set(err.instance) - known)
+            key = _key(list(err.path) + [unknown[0]]) if unknown else _key(err.path)
+            raise ConfigError(f"config key '{key}': unknown key (known here: {', '.join(sorted(known))})")
+        if err.validator == "required":
+            missing = err.message.split("'")[1] if "'" in err.message else err.message
+            raise ConfigError(f"config key '{_key(list(err.path) + [missing])}': missing")
+        raise ConfigError(f"config key '{_key(err.path)}': {err.message}")
+    _check_consistency(cfg)
+    return cfg
+
+
+def _check_consistency(cfg: dict) -> None:
+    model, data = cfg["model"], cfg["data"]
+    channels, levels = model["channels"], len(model["channels"])
+    if len(model["attention_levels"]) != levels:
+        raise ConfigError(
+            f"config key 'model.attention_levels': has {len(model['attention_levels'])} entries, "
+            f"model.channels has {levels}"
+        )
+    for c in channels:
+        if c % model["norm_num_groups"]:
+            raise ConfigError(
+                f"config key 'model.channels': {c} channels are not divisible by "
+                f"model.norm_num_groups={model['norm_num_groups']}"
+            )
+    for c, att in zip(channels, model["attention_levels"]):
+        if att and c % model["num_head_channels"]:
+            raise ConfigError(
+                f"config key 'model.num_head_channels': {model['num_head_channels']} does not divide the "
+                f"{c} channels of an attention level"
+            )
+    factor = 2 ** (levels - 1)
+    if any(s % factor for s in data["target_shape"]):
+        raise ConfigError(
+            f"config key 'data.target_shape': {data['target_shape']} must be divisible by "
+            f"2^(levels-1) = {factor} for a UNet with {levels} levels"
+        )
+    lo, hi = data["intensity"]["lower_percentile"], data["intensity"]["upper_percentile"]
+    if lo >= hi:
+        raise ConfigError("config key 'data.intensity.upper_percentile': must be above lower_percentile")
+    sch = cfg["scheduler"]
+    if sch["beta_start"] >= sch["beta_end"]:
+        raise ConfigError("config key 'scheduler.beta_end': must be above scheduler.beta_start")
+    ms = cfg["evaluate"]["msssim"]
+    div = max(1, ms["scales"] - 1) ** 2  # MONAI MultiScaleSSIMMetric's own requirement
+    if any(s // div <= ms["kernel_size"] - 1 for s in data["target_shape"]):
+        raise ConfigError(
+            f"config key 'evaluate.msssim': kernel_size={ms['kernel_size']} with {ms['scales']} scales does "
+            f"not fit target shape {data['target_shape']} (each side // {div} must exceed kernel_size - 1)"
+        )
+    if cfg["sample"]["jobs"] > cfg["sample"]["n"]:
+        raise ConfigError("config key 'sample.jobs': more jobs than volumes to sample")
+    if cfg["evaluate"]["jobs"] > cfg["evaluate"]["bootstrap"]:
+        raise ConfigError("config key 'evaluate.jobs': more jobs than bootstrap resamples")
+    if not cfg["datasets"] and not cfg["demo"]["enabled"]:
+        raise ConfigError("config key 'datasets': empty; list your datasets or enable the demo cohort")
+
+
+def split_seed(cfg: dict) -> int:
+    s = cfg["data"]["split_seed"]
+    return cfg["seed"] if s is None else s
+
+
+def eval_seed(cfg: dict) -> int:
+    s = cfg["evaluate"]["seed"]
+    return cfg["seed"] if s is None else s
+
+
+def dumps(cfg: dict) -> str:
+    """Compact, key-sorted JSON: what rules pass to the command line (and what Snakemake compares)."""
+    return json.dumps(cfg, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,145 @@
+"""HDF5 shards of preprocessed volumes, and the per-split index that lists them.
+
+Layout of one shard (also used for sampled volumes):
+
+    images         (N, 1, D, H, W)  float16|float32, one volume per chunk, compressed
+    checksum       (N,)  sha256 of each stored volume's bytes (C order, stored dtype)
+    subject, session, dataset, source_path, source_sha256   (N,) strings
+    p_low, p_high, mask_voxels                               (N,) per-volume normalisation statistics
+    affine         (4, 4) RAS affine of the target grid
+    attrs: target_shape, spacing, normalization (JSON), code_version, dtype, count, kind
+
+Files are written under a temporary name and renamed when complete, so a reader never sees a
+half-written shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .errors import BadInputError
+
+STRING_FIELDS = ("subject", "session", "dataset", "source_path", "source_sha256")
+STAT_FIELDS = ("p_low", "p_high", "mask_voxels")
+
+
+def volume_checksum(vol: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(vol).tobytes()).hexdigest()
+
+
+def _compression(name: str, level: int) -> dict:
+    if name == "none":
+        return {}
+    if name == "gzip":
+        return {"compression": "gzip", "compression_opts": level}
+    return {"compression": name}
+
+
+def write_shard(path, images: np.ndarray, meta: list[dict], affine: np.ndarray, *, dtype: str = "float16",
+                compression: str = "lzf", compression_level: int = 1, attrs: dict | None = None) -> dict:
+    """Write volumes (N, D, H, W) or (N, 1, D, H, W) with per-volume metadata; return a summary."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = np.asarray(images)
+    if images.ndim == 4:
+        images = images[:, None]
+    stored = images.astype(dtype)
+    n = len(stored)
+    tmp = path.with_name(".tmp-" + path.name)
+    checksums = [volume_checksum(v) for v in stored]
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("images", data=stored, chunks=(1, *stored.shape[1:]) if n else None,
+                         shuffle=compression != "none", **_compression(compression, compression_level))
+        str_dt = h5py.string_dtype()
+        f.create_dataset("checksum", data=np.array(checksums, dtype=object), dtype=str_dt)
+        for key in STRING_FIELDS:
+            f.create_dataset(key, data=np.array([str(m.get(key, "")) for m in meta], dtype=object), dtype=str_dt)
+        for key in STAT_FIELDS:
+            f.create_dataset(key, data=np.array([float(m.get(key, np.nan)) for m in meta], dtype=np.float64))
+        f.create_dataset("affine", data=np.asarray(affine, dtype=np.float64))
+        f.attrs.update({
+            "target_shape": list(stored.shape[2:]),
+            "spacing": list(np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))),
+            "code_version": __version__, "dtype": dtype, "count": n, "kind": "volumes",
+            "intensity_range": [0.0, 1.0],
+        })
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+    os.replace(tmp, path)
+    return {"file": path.name, "count": n, "sha256": file_sha256(path), "checksums": checksums,
+            "subjects": sorted({m.get("subject", "") for m in meta})}
+
+
+def file_sha256(path) -> str:
+    from .nifti import sha256_file
+
+    return sha256_file(path)
+
+
+def read_meta(path) -> list[dict]:
+    """Per-volume metadata of a shard (no image data)."""
+    with h5py.File(path, "r") as f:
+        cols = {k: [s.decode() if isinstance(s, bytes) else s for s in f[k][()]] for k in STRING_FIELDS + ("checksum",)}
+        cols.update({k: f[k][()].tolist() for k in STAT_FIELDS})
+    return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+
+
+def read_volumes(paths, verify: bool = False) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """All volumes of the given shards as float32 (N, 1, D, H, W), their metadata and the affine."""
+    arrays, meta, affine = [], [], None
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            imgs = f["images"][()]
+            affine = f["affine"][()] if affine is None else affine
+        m = read_meta(p)
+        if verify:
+            for i, (vol, row) in enumerate(zip(imgs, m)):
+                check_volume(p, i, vol, row["checksum"])
+        arrays.append(imgs.astype(np.float32))
+        meta += m
+    if not arrays:
+        raise BadInputError(",".join(map(str, paths)) or "<no shards>", "no volumes to read")
+    return np.concatenate(arrays), meta, affine
+
+
+def check_volume(path, index: int, vol: np.ndarray, expected: str) -> None:
+    if volume_checksum(vol) != expected:
+        raise BadInputError(path, f"volume {index} does not match its stored checksum (corrupt shard)")
+
+
+def write_index(split: str, summaries: list[dict], path, excluded: list[dict] = ()) -> dict:
+    """index.json for one split: shards, counts, checksums."""
+    index = {
+        "split": split, "code_version": __version__,
+        "n_volumes": sum(s["count"] for s in summaries),
+        "n_subjects": len({sub for s in summaries for sub in s["subjects"]}),
+        "shards": summaries, "excluded": list(excluded),
+    }
+    path = Path(path)
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, path)
+    return index
+
+
+def shard_summary(path) -> dict:
+    """The index entry of an existing shard (recomputed from the file)."""
+    meta = read_meta(path)
+    return {"file": Path(path).name, "count": len(meta), "sha256": file_sha256(path),
+            "checksums": [m["checksum"] for m in meta], "subjects": sorted({m["subject"] for m in meta})}
+
+
+def split_files(split_dir) -> list[Path]:
+    """Shard files of a split, in index order."""
+    split_dir = Path(split_dir)
+    index = split_dir / "index.json"
+    if not index.exists():
+        raise BadInputError(index, "shard index not found (run `snakemake prepare` first)")
+    return [split_dir / s["file"] for s in json.loads(index.read_text())["shards"]]

@@ -1,0 +1,84 @@
+# Data stage: NIfTI -> manifest -> subject split -> HDF5 shards (one job per shard) -> index.json
+
+
+rule demo_cohort:
+    output:
+        participants=f"{DEMO_DIR}/participants.tsv",
+    params:
+        n=config["demo"]["n"],
+        seed=config["demo"]["seed"],
+    log:
+        f"{R}/logs/demo_cohort.log",
+    conda:
+        "../../envs/prepare.yaml"
+    shell:
+        "brainddpm demo-cohort --n {params.n} --seed {params.seed} --out {DEMO_DIR} "
+        "--mosaic {DEMO_DIR}/mosaic.png 2> {log}"
+
+
+rule manifest:
+    input:
+        DEMO_PARTICIPANTS,
+    output:
+        manifest=f"{R}/manifest.tsv",
+        excluded=f"{R}/qc/excluded.tsv",
+    params:
+        cfg=stage_config("datasets", "data"),
+    threads: 4
+    log:
+        f"{R}/logs/manifest.log",
+    conda:
+        "../../envs/prepare.yaml"
+    shell:
+        "brainddpm manifest --config-json {params.cfg:q} --manifest {output.manifest} "
+        "--excluded {output.excluded} --jobs {threads} 2> {log}"
+
+
+checkpoint split:
+    input:
+        manifest=rules.manifest.output.manifest,
+    output:
+        splits=f"{R}/splits.tsv",
+    params:
+        cfg=stage_config("data", "seed"),
+    log:
+        f"{R}/logs/split.log",
+    conda:
+        "../../envs/prepare.yaml"
+    shell:
+        "brainddpm split --config-json {params.cfg:q} --manifest {input.manifest} --out {output.splits} 2> {log}"
+
+
+rule shard:
+    input:
+        splits=f"{R}/splits.tsv",
+    output:
+        f"{R}/shards/{{split}}/shard-{{i}}.h5",
+    params:
+        cfg=stage_config("data"),
+        index=lambda wc: int(wc.i),
+    log:
+        f"{R}/logs/shard/{{split}}-{{i}}.log",
+    conda:
+        "../../envs/prepare.yaml"
+    shell:
+        "brainddpm shard --config-json {params.cfg:q} --splits {input.splits} --split {wildcards.split} "
+        "--index {params.index} --out {output} 2> {log}"
+
+
+rule shard_index:
+    input:
+        shard_files,
+    output:
+        f"{R}/shards/{{split}}/index.json",
+    log:
+        f"{R}/logs/shard/{{split}}-index.log",
+    conda:
+        "../../envs/prepare.yaml"
+    shell:
+        "brainddpm index --split {wildcards.split} --shards {input} --out {output} 2> {log}"
+
+
+rule prepare:
+    input:
+        prepare_targets(),
