@@ -1,4 +1,6 @@
 # Config validation, paths and targets. Logic lives in src/brainddpm.
+import os
+
 from brainddpm.config import dumps, validate_config
 from brainddpm.errors import ConfigError
 

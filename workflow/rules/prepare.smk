@@ -7,13 +7,14 @@ rule demo_cohort:
     params:
         n=config["demo"]["n"],
         seed=config["demo"]["seed"],
+        out=lambda wc, output: os.path.dirname(output.participants),
     log:
         f"{R}/logs/demo_cohort.log",
     conda:
         "../../envs/prepare.yaml"
     shell:
-        "brainddpm demo-cohort --n {params.n} --seed {params.seed} --out {DEMO_DIR} "
-        "--mosaic {DEMO_DIR}/mosaic.png 2> {log}"
+        "brainddpm demo-cohort --n {params.n} --seed {params.seed} --out {params.out} "
+        "--mosaic {params.out}/mosaic.png 2> {log}"
 
 
 rule manifest:
