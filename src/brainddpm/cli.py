@@ -64,6 +64,68 @@ def cmd_index(args) -> None:
     run_index(args.split, args.shards, args.out)
 
 
+def cmd_train(args) -> None:
+    from .launch import run_training
+
+    info = run_training(_config(args), args.shards, args.out)
+    log.info("training finished: %s steps, final loss %s", info.get("steps"), info.get("final_loss"))
+
+
+def cmd_sample(args) -> None:
+    from .sample import run_sample
+
+    cfg = _config(args)
+    run_sample(cfg["sample"], args.checkpoint, args.sampler, args.part, args.out, args.nifti_dir, args.sheet)
+
+
+def cmd_features(args) -> None:
+    from .config import eval_seed
+    from .evaluate import run_features
+
+    cfg = _config(args)
+    run_features(cfg["evaluate"], eval_seed(cfg), args.real, args.samples, args.out, args.ids, args.device)
+
+
+def cmd_bootstrap(args) -> None:
+    from .config import eval_seed
+    from .evaluate import run_bootstrap
+
+    cfg = _config(args)
+    ev = cfg["evaluate"]
+    run_bootstrap(args.inputs, ev["bootstrap"], ev["jobs"], args.part, eval_seed(cfg), args.out)
+
+
+def cmd_gather(args) -> None:
+    from .evaluate import run_gather
+
+    run_gather(args.inputs, args.ids, args.chunks, args.out)
+
+
+def cmd_memorization(args) -> None:
+    from .config import eval_seed
+    from .evaluate import run_memorization
+
+    cfg = _config(args)
+    run_memorization(cfg["evaluate"]["memorization"], eval_seed(cfg), args.train, args.real, cfg["evaluate"]["n"],
+                     args.samples, args.out)
+
+
+def cmd_fetch_weights(args) -> None:
+    from .medicalnet import download_weights
+
+    download_weights(args.url, args.out)
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    if len(args.metrics) != len(args.samplers):
+        raise SystemExit("brainddpm report: give one --metrics file per --samplers entry")
+    parts = {s: sorted(p for p in args.samples if f"/{s}/" in str(p)) for s in args.samplers}
+    write_report(dict(zip(args.samplers, args.metrics)), args.memorization, args.train, args.real, parts,
+                 args.run_dir, args.out)
+
+
 def cmd_bench(args) -> None:
     from . import bench
 
@@ -120,6 +182,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, nargs="*", default=[], help="shard files of the split")
     p.add_argument("--out", type=Path, required=True, help="output index.json")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("train", help="train the DDPM (submits through submitit and waits)",
+                       description="Train the 3D DDPM on the training shards with DeepSpeed (or DDP), through "
+                                   "submitit: a SLURM job (launch.executor: slurm), local processes (local) or this "
+                                   "process (inprocess). Resumes from the latest checkpoint in OUT.")
+    _config_args(p)
+    p.add_argument("--shards", type=Path, required=True, help="training split folder (with index.json)")
+    p.add_argument("--out", type=Path, required=True, help="run folder, e.g. results/train/reference")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate synthetic volumes (one sampling job)",
+                       description="Rebuild the model from the final checkpoint alone and sample the volumes of "
+                                   "job PART (volume i always uses seed sample.base_seed + i).")
+    _config_args(p)
+    p.add_argument("--checkpoint", type=Path, required=True, help="model.safetensors of a training run")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], required=True)
+    p.add_argument("--part", type=int, required=True, help="job number, 0..sample.jobs-1")
+    p.add_argument("--out", type=Path, required=True, help="output part-XXX.h5")
+    p.add_argument("--nifti-dir", type=Path, required=True, help="folder for one NIfTI per volume")
+    p.add_argument("--sheet", type=Path, help="PNG contact sheet of the part")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("features", help="precompute Gram matrices, MS-SSIM matrices and FID features",
+                       description="Everything expensive of the evaluation, done once: bootstrap jobs only index it.")
+    _config_args(p)
+    p.add_argument("--real", type=Path, required=True, help="validation split folder")
+    p.add_argument("--samples", type=Path, nargs="+", required=True, help="sample part files of one sampler")
+    p.add_argument("--out", type=Path, required=True, help="output inputs.npz")
+    p.add_argument("--ids", type=Path, required=True, help="output ids.json (volumes used)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("bootstrap", help="one chunk of bootstrap resamples")
+    _config_args(p)
+    p.add_argument("--inputs", type=Path, required=True, help="inputs.npz from `features`")
+    p.add_argument("--part", type=int, required=True, help="chunk number, 0..evaluate.jobs-1")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("gather", help="point estimates + bootstrap chunks -> metrics.json")
+    p.add_argument("--inputs", type=Path, required=True)
+    p.add_argument("--ids", type=Path, required=True)
+    p.add_argument("--chunks", type=Path, nargs="+", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_gather)
+
+    p = sub.add_parser("memorization", help="nearest-training-volume correlations of synthetic volumes")
+    _config_args(p)
+    p.add_argument("--train", type=Path, required=True, help="training split folder")
+    p.add_argument("--real", type=Path, required=True, help="validation split folder")
+    p.add_argument("--samples", type=Path, nargs="+", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_memorization)
+
+    p = sub.add_parser("fetch-fid-weights", help="download MedicalNet weights (login node; needs internet)")
+    p.add_argument("--url", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_fetch_weights)
+
+    p = sub.add_parser("report", help="write the report folder")
+    p.add_argument("--samplers", nargs="+", required=True)
+    p.add_argument("--metrics", type=Path, nargs="+", required=True, help="metrics.json per sampler, same order")
+    p.add_argument("--memorization", type=Path, required=True)
+    p.add_argument("--samples", type=Path, nargs="+", required=True, help="all sample part files")
+    p.add_argument("--train", type=Path, required=True, help="training split folder")
+    p.add_argument("--real", type=Path, required=True, help="validation split folder")
+    p.add_argument("--run-dir", type=Path, required=True, help="training run folder (loss.png, train.json)")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures (data)",
                        description="Measure throughput; figures are printed and can go in docs/benchmarks.md.")

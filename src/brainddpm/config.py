@@ -86,7 +86,8 @@ def _check_consistency(cfg: dict) -> None:
                 f"config key 'model.channels': {c} channels are not divisible by "
                 f"model.norm_num_groups={model['norm_num_groups']}"
             )
-    for c, att in zip(channels, model["attention_levels"]):
+    # MONAI's middle block always attends over the last level's channels
+    for c, att in zip(channels, model["attention_levels"][:-1] + [True]):
         if att and c % model["num_head_channels"]:
             raise ConfigError(
                 f"config key 'model.num_head_channels': {model['num_head_channels']} does not divide the "
@@ -111,8 +112,11 @@ def _check_consistency(cfg: dict) -> None:
             f"config key 'evaluate.msssim': kernel_size={ms['kernel_size']} with {ms['scales']} scales does "
             f"not fit target shape {data['target_shape']} (each side // {div} must exceed kernel_size - 1)"
         )
-    if cfg["sample"]["jobs"] > cfg["sample"]["n"]:
-        raise ConfigError("config key 'sample.jobs': more jobs than volumes to sample")
+    smp = cfg["sample"]
+    n_batches = -(-smp["n"] // smp["batch"])
+    if smp["jobs"] > n_batches:
+        raise ConfigError(f"config key 'sample.jobs': {smp['jobs']} jobs but only {n_batches} batches of "
+                          f"sample.batch={smp['batch']} in sample.n={smp['n']} (each job takes whole batches)")
     if cfg["evaluate"]["jobs"] > cfg["evaluate"]["bootstrap"]:
         raise ConfigError("config key 'evaluate.jobs': more jobs than bootstrap resamples")
     if not cfg["datasets"] and not cfg["demo"]["enabled"]:

@@ -18,6 +18,9 @@ DEMO_PARTICIPANTS = f"{DEMO_DIR}/participants.tsv" if config["demo"]["enabled"] 
 wildcard_constraints:
     split="train|val",
     i=r"\d{4}",
+    part=r"\d{3}",
+    k=r"\d{3}",
+    sampler="ddpm|ddim",
 
 
 def stage_config(*sections):
@@ -38,5 +41,40 @@ def prepare_targets():
     return expand(f"{R}/shards/{{split}}/index.json", split=["train", "val"])
 
 
+
+
+# ---- paths of the later stages ----
+TRAIN_DIR = f"{R}/train/{RUN}"
+MODEL = f"{TRAIN_DIR}/model.safetensors"
+SAMPLES = f"{R}/samples/{RUN}"
+EVAL = f"{R}/eval/{RUN}"
+SAMPLERS = config["sample"]["samplers"]
+FID_WEIGHTS = config["evaluate"]["fid"]["weights"] or []
+
+
+def sample_parts(sampler):
+    return [f"{SAMPLES}/{sampler}/part-{j:03d}.h5" for j in range(config["sample"]["jobs"])]
+
+
+def bootstrap_chunks(sampler):
+    return [f"{EVAL}/{sampler}/boot/chunk-{k:03d}.npz" for k in range(config["evaluate"]["jobs"])]
+
+
+def train_targets():
+    return [MODEL, f"{TRAIN_DIR}/train.json"]
+
+
+def sample_targets():
+    return [p for s in SAMPLERS for p in sample_parts(s)]
+
+
+def evaluate_targets():
+    return [f"{EVAL}/{s}/metrics.json" for s in SAMPLERS] + [f"{EVAL}/memorization.json"]
+
+
+def report_targets():
+    return [f"{R}/report/report.md"]
+
+
 def all_targets():
-    return prepare_targets()
+    return report_targets()

@@ -1,0 +1,94 @@
+# Evaluation stage: features once per sampler -> evaluate.jobs bootstrap chunks -> metrics.json;
+# memorization check against the training set.
+
+
+rule fetch_fid_weights:
+    output:
+        config["evaluate"]["fid"]["weights"] or "resources/medicalnet/weights.pth",
+    params:
+        url=config["evaluate"]["fid"]["url"],
+    log:
+        f"{R}/logs/fetch_fid_weights.log",
+    conda:
+        "../../envs/evaluate.yaml"
+    shell:
+        "brainddpm fetch-fid-weights --url {params.url:q} --out {output} 2> {log}"
+
+
+rule features:
+    input:
+        real=f"{R}/shards/val/index.json",
+        samples=lambda wc: sample_parts(wc.sampler),
+        weights=FID_WEIGHTS,
+    output:
+        inputs=f"{EVAL}/{{sampler}}/inputs.npz",
+        ids=f"{EVAL}/{{sampler}}/ids.json",
+    params:
+        cfg=stage_config("seed", "evaluate"),
+        real=lambda wc, input: os.path.dirname(input.real),
+    resources:
+        gpu=1,
+    log:
+        f"{R}/logs/evaluate/{RUN}-{{sampler}}-features.log",
+    conda:
+        "../../envs/evaluate.yaml"
+    shell:
+        "brainddpm features --config-json {params.cfg:q} --real {params.real} --samples {input.samples} "
+        "--out {output.inputs} --ids {output.ids} 2> {log}"
+
+
+rule bootstrap:
+    input:
+        inputs=f"{EVAL}/{{sampler}}/inputs.npz",
+    output:
+        f"{EVAL}/{{sampler}}/boot/chunk-{{k}}.npz",
+    params:
+        cfg=stage_config("seed", "evaluate"),
+        part=lambda wc: int(wc.k),
+    log:
+        f"{R}/logs/evaluate/{RUN}-{{sampler}}-boot-{{k}}.log",
+    conda:
+        "../../envs/evaluate.yaml"
+    shell:
+        "brainddpm bootstrap --config-json {params.cfg:q} --inputs {input.inputs} --part {params.part} "
+        "--out {output} 2> {log}"
+
+
+rule gather_metrics:
+    input:
+        inputs=f"{EVAL}/{{sampler}}/inputs.npz",
+        ids=f"{EVAL}/{{sampler}}/ids.json",
+        chunks=lambda wc: bootstrap_chunks(wc.sampler),
+    output:
+        f"{EVAL}/{{sampler}}/metrics.json",
+    log:
+        f"{R}/logs/evaluate/{RUN}-{{sampler}}-gather.log",
+    conda:
+        "../../envs/evaluate.yaml"
+    shell:
+        "brainddpm gather --inputs {input.inputs} --ids {input.ids} --chunks {input.chunks} --out {output} 2> {log}"
+
+
+rule memorization:
+    input:
+        train=f"{R}/shards/train/index.json",
+        real=f"{R}/shards/val/index.json",
+        samples=sample_parts(SAMPLERS[0]),
+    output:
+        f"{EVAL}/memorization.json",
+    params:
+        cfg=stage_config("seed", "evaluate"),
+        train=lambda wc, input: os.path.dirname(input.train),
+        real=lambda wc, input: os.path.dirname(input.real),
+    log:
+        f"{R}/logs/evaluate/{RUN}-memorization.log",
+    conda:
+        "../../envs/evaluate.yaml"
+    shell:
+        "brainddpm memorization --config-json {params.cfg:q} --train {params.train} --real {params.real} "
+        "--samples {input.samples} --out {output} 2> {log}"
+
+
+rule evaluate:
+    input:
+        evaluate_targets(),

@@ -1,0 +1,35 @@
+# Report stage: metrics table (markdown, CSV, JSON), loss curve, slices, CI plot, memorization.
+
+
+rule report:
+    input:
+        metrics=[f"{EVAL}/{s}/metrics.json" for s in SAMPLERS],
+        memorization=f"{EVAL}/memorization.json",
+        samples=sample_targets(),
+        train=f"{R}/shards/train/index.json",
+        real=f"{R}/shards/val/index.json",
+        info=f"{TRAIN_DIR}/train.json",
+        loss=f"{TRAIN_DIR}/loss.png",
+    output:
+        md=f"{R}/report/report.md",
+        table=report(f"{R}/report/metrics.md", caption="../report/metrics.rst", category="Metrics"),
+        csv=f"{R}/report/metrics.csv",
+        json=f"{R}/report/metrics.json",
+        ci=report(f"{R}/report/ci.png", caption="../report/ci.rst", category="Metrics"),
+        slices=report(f"{R}/report/slices.png", caption="../report/slices.rst", category="Samples"),
+        memorization=report(f"{R}/report/memorization.png", caption="../report/memorization.rst",
+                            category="Memorization"),
+    params:
+        samplers=SAMPLERS,
+        train=lambda wc, input: os.path.dirname(input.train),
+        real=lambda wc, input: os.path.dirname(input.real),
+        run_dir=lambda wc, input: os.path.dirname(input.info),
+        out=lambda wc, output: os.path.dirname(output.md),
+    log:
+        f"{R}/logs/report.log",
+    conda:
+        "../../envs/evaluate.yaml"
+    shell:
+        "brainddpm report --samplers {params.samplers} --metrics {input.metrics} "
+        "--memorization {input.memorization} --samples {input.samples} --train {params.train} "
+        "--real {params.real} --run-dir {params.run_dir} --out {params.out} 2> {log}"

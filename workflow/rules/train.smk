@@ -1,0 +1,22 @@
+# Training stage: shards -> model.safetensors (EMA weights + config), loss.csv/png, train.json.
+# `brainddpm train` submits through submitit (SLURM job, local processes or in-process) and waits.
+
+
+rule train:
+    input:
+        index=f"{R}/shards/train/index.json",
+    output:
+        model=MODEL,
+        info=f"{TRAIN_DIR}/train.json",
+        loss=f"{TRAIN_DIR}/loss.csv",
+        plot=report(f"{TRAIN_DIR}/loss.png", caption="../report/loss.rst", category="Training"),
+    params:
+        cfg=stage_config("seed", "model", "scheduler", "train", "launch"),
+        shards=lambda wc, input: os.path.dirname(input.index),
+        out=lambda wc, output: os.path.dirname(output.model),
+    log:
+        f"{R}/logs/train/{RUN}.log",
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "brainddpm train --config-json {params.cfg:q} --shards {params.shards} --out {params.out} 2> {log}"
