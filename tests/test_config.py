@@ -40,3 +40,13 @@ def test_reference_msssim_fits_reference_shape():
     cfg["evaluate"]["msssim"]["kernel_size"] = 11
     with pytest.raises(ConfigError, match="evaluate.msssim"):
         validate_config(cfg)
+
+
+def test_partial_config_checks_the_sections_present():
+    cfg = base_config()
+    part = {k: cfg[k] for k in ("seed", "model", "scheduler", "train")}
+    assert validate_config(part, partial=True) is part
+    with pytest.raises(ConfigError, match="'model.channels'"):
+        validate_config({**part, "model": {**cfg["model"], "channels": [8, 8, 12]}}, partial=True)
+    with pytest.raises(ConfigError, match="'data'"):
+        validate_config(part)  # a full config needs every section

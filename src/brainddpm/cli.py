@@ -28,9 +28,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args) -> dict:
-    from .config import load_config
+    from .config import load_config, validate_config
 
-    return json.loads(args.config_json) if args.config_json else load_config(args.config)
+    if args.config_json:
+        return validate_config(json.loads(args.config_json), partial=True)
+    return load_config(args.config)
 
 
 def cmd_demo_cohort(args) -> None:

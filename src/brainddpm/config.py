@@ -52,9 +52,15 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
-def validate_config(cfg: dict) -> dict:
-    """Validate `cfg` against the schema and the cross-key rules; return it unchanged."""
+def validate_config(cfg: dict, partial: bool = False) -> dict:
+    """Validate `cfg` against the schema and the cross-key rules; return it unchanged.
+
+    With `partial`, top-level sections may be missing (a workflow step gets only the sections it
+    uses); the sections present are checked in full, and cross-key rules whose sections are present.
+    """
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    if partial:
+        schema["required"] = [k for k in schema["required"] if k in cfg]
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.path), list(map(str, e.path))))
     if errors:
@@ -73,7 +79,27 @@ def validate_config(cfg: dict) -> dict:
 
 
 def _check_consistency(cfg: dict) -> None:
-    model, data = cfg["model"], cfg["data"]
+    if "model" in cfg:
+        _check_model(cfg["model"])
+    if {"model", "data"} <= set(cfg):
+        _check_shape(cfg["model"], cfg["data"])
+    if "data" in cfg:
+        lo, hi = cfg["data"]["intensity"]["lower_percentile"], cfg["data"]["intensity"]["upper_percentile"]
+        if lo >= hi:
+            raise ConfigError("config key 'data.intensity.upper_percentile': must be above lower_percentile")
+    if "scheduler" in cfg and cfg["scheduler"]["beta_start"] >= cfg["scheduler"]["beta_end"]:
+        raise ConfigError("config key 'scheduler.beta_end': must be above scheduler.beta_start")
+    if {"data", "evaluate"} <= set(cfg):
+        _check_msssim(cfg["evaluate"]["msssim"], cfg["data"]["target_shape"])
+    if "sample" in cfg:
+        _check_sample(cfg["sample"])
+    if "evaluate" in cfg and cfg["evaluate"]["jobs"] > cfg["evaluate"]["bootstrap"]:
+        raise ConfigError("config key 'evaluate.jobs': more jobs than bootstrap resamples")
+    if {"datasets", "demo"} <= set(cfg) and not cfg["datasets"] and not cfg["demo"]["enabled"]:
+        raise ConfigError("config key 'datasets': empty; list your datasets or enable the demo cohort")
+
+
+def _check_model(model: dict) -> None:
     channels, levels = model["channels"], len(model["channels"])
     if len(model["attention_levels"]) != levels:
         raise ConfigError(
@@ -93,34 +119,32 @@ def _check_consistency(cfg: dict) -> None:
                 f"config key 'model.num_head_channels': {model['num_head_channels']} does not divide the "
                 f"{c} channels of an attention level"
             )
+
+
+def _check_shape(model: dict, data: dict) -> None:
+    levels = len(model["channels"])
     factor = 2 ** (levels - 1)
     if any(s % factor for s in data["target_shape"]):
         raise ConfigError(
             f"config key 'data.target_shape': {data['target_shape']} must be divisible by "
             f"2^(levels-1) = {factor} for a UNet with {levels} levels"
         )
-    lo, hi = data["intensity"]["lower_percentile"], data["intensity"]["upper_percentile"]
-    if lo >= hi:
-        raise ConfigError("config key 'data.intensity.upper_percentile': must be above lower_percentile")
-    sch = cfg["scheduler"]
-    if sch["beta_start"] >= sch["beta_end"]:
-        raise ConfigError("config key 'scheduler.beta_end': must be above scheduler.beta_start")
-    ms = cfg["evaluate"]["msssim"]
+
+
+def _check_msssim(ms: dict, target_shape) -> None:
     div = max(1, ms["scales"] - 1) ** 2  # MONAI MultiScaleSSIMMetric's own requirement
-    if any(s // div <= ms["kernel_size"] - 1 for s in data["target_shape"]):
+    if any(s // div <= ms["kernel_size"] - 1 for s in target_shape):
         raise ConfigError(
             f"config key 'evaluate.msssim': kernel_size={ms['kernel_size']} with {ms['scales']} scales does "
-            f"not fit target shape {data['target_shape']} (each side // {div} must exceed kernel_size - 1)"
+            f"not fit target shape {target_shape} (each side // {div} must exceed kernel_size - 1)"
         )
-    smp = cfg["sample"]
+
+
+def _check_sample(smp: dict) -> None:
     n_batches = -(-smp["n"] // smp["batch"])
     if smp["jobs"] > n_batches:
         raise ConfigError(f"config key 'sample.jobs': {smp['jobs']} jobs but only {n_batches} batches of "
                           f"sample.batch={smp['batch']} in sample.n={smp['n']} (each job takes whole batches)")
-    if cfg["evaluate"]["jobs"] > cfg["evaluate"]["bootstrap"]:
-        raise ConfigError("config key 'evaluate.jobs': more jobs than bootstrap resamples")
-    if not cfg["datasets"] and not cfg["demo"]["enabled"]:
-        raise ConfigError("config key 'datasets': empty; list your datasets or enable the demo cohort")
 
 
 def split_seed(cfg: dict) -> int:

@@ -11,7 +11,7 @@ rule train:
         loss=f"{TRAIN_DIR}/loss.csv",
         plot=report(f"{TRAIN_DIR}/loss.png", caption="../report/loss.rst", category="Training"),
     params:
-        cfg=stage_config("seed", "model", "scheduler", "train", "launch"),
+        cfg=stage_config("run", "seed", "model", "scheduler", "train", "launch"),
         shards=lambda wc, input: os.path.dirname(input.index),
         out=lambda wc, output: os.path.dirname(output.model),
     log:
