@@ -93,6 +93,8 @@ def _check_consistency(cfg: dict) -> None:
         _check_msssim(cfg["evaluate"]["msssim"], cfg["data"]["target_shape"])
     if "sample" in cfg:
         _check_sample(cfg["sample"])
+    if {"train", "launch"} <= set(cfg):
+        _check_launch(cfg["train"], cfg["launch"])
     if "evaluate" in cfg and cfg["evaluate"]["jobs"] > cfg["evaluate"]["bootstrap"]:
         raise ConfigError("config key 'evaluate.jobs': more jobs than bootstrap resamples")
     if {"datasets", "demo"} <= set(cfg) and not cfg["datasets"] and not cfg["demo"]["enabled"]:
@@ -119,6 +121,20 @@ def _check_model(model: dict) -> None:
                 f"config key 'model.num_head_channels': {model['num_head_channels']} does not divide the "
                 f"{c} channels of an attention level"
             )
+
+
+def _check_launch(train: dict, launch: dict) -> None:
+    if train["backend"] == "ddp" and train["zero_stage"]:
+        raise ConfigError("config key 'train.zero_stage': ZeRO needs train.backend: deepspeed")
+    gpus, tasks = launch["gpus_per_node"], launch["tasks_per_node"] or launch["gpus_per_node"] or 1
+    if gpus and tasks != gpus:
+        raise ConfigError(f"config key 'launch.tasks_per_node': {tasks} processes for {gpus} GPUs per node; "
+                          "training runs one process per GPU (leave it null)")
+    if launch["executor"] == "inprocess" and (launch["nodes"] > 1 or tasks > 1):
+        raise ConfigError("config key 'launch.executor': inprocess runs a single process; use local or slurm for "
+                          f"{launch['nodes']} node(s) x {tasks} process(es)")
+    if launch["executor"] == "local" and launch["nodes"] > 1:
+        raise ConfigError("config key 'launch.nodes': the local executor runs on this machine only (set 1)")
 
 
 def _check_shape(model: dict, data: dict) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
-from .nifti import header_info, is_nifti, load_checked, sha256_file
+from .nifti import header_info, load_checked, sha256_file
 
 MANIFEST_COLUMNS = ["subject", "session", "dataset", "path", "shape", "spacing", "orientation", "sha256", "age", "sex"]
 SPLIT_COLUMNS = ["subject", "session", "dataset", "path", "sha256", "split"]

@@ -1,5 +1,13 @@
 # Training stage: shards -> model.safetensors (EMA weights + config), loss.csv/png, train.json.
 # `brainddpm train` submits through submitit (SLURM job, local processes or in-process) and waits.
+# With launch.executor: slurm the rule only submits and watches its own (multi-node, requeueing) job,
+# so it runs where Snakemake runs (the login node) instead of holding a 24 h allocation itself.
+
+if config["launch"]["executor"] == "slurm":
+
+    localrules:
+        train,
+
 
 
 rule train:

@@ -1,0 +1,71 @@
+"""The denoising network, the noise schedules and the training objective, straight from MONAI.
+
+`build_model` turns the `model` config section into MONAI's DiffusionModelUNet (3D, one channel in and
+out); `build_scheduler` and `build_ddim` turn the `scheduler` section into MONAI's DDPM and DDIM
+schedulers with the same betas. `diffusion_loss` is the noise-prediction MSE of Ho et al. (2020), the
+objective of the reference study, written out (what MONAI's DiffusionInferer does) so the random draws
+come from an explicit generator and resume exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+
+
+def build_model(model_cfg: dict) -> DiffusionModelUNet:
+    """MONAI DiffusionModelUNet for single-channel 3D volumes, from the `model` config section.
+
+    `num_head_channels` is one number in the config; MONAI takes one per level and ignores it at levels
+    without attention. The middle block of the UNet always has self-attention over the last level's
+    channels, so it must divide `channels[-1]` even when `attention_levels[-1]` is false.
+    """
+    channels = list(model_cfg["channels"])
+    heads = int(model_cfg["num_head_channels"])
+    return DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=channels,
+        attention_levels=list(model_cfg["attention_levels"]),
+        num_res_blocks=int(model_cfg["num_res_blocks"]),
+        num_head_channels=[heads] * len(channels),
+        norm_num_groups=int(model_cfg["norm_num_groups"]),
+        use_flash_attention=bool(model_cfg.get("use_flash_attention", False)),
+    )
+
+
+def _schedule_args(sched_cfg: dict) -> dict:
+    args = {"num_train_timesteps": int(sched_cfg["num_train_timesteps"]), "schedule": sched_cfg["schedule"]}
+    if sched_cfg["schedule"] != "cosine":  # MONAI's cosine schedule takes no beta range
+        args.update(beta_start=float(sched_cfg["beta_start"]), beta_end=float(sched_cfg["beta_end"]))
+    return args
+
+
+def build_scheduler(sched_cfg: dict) -> DDPMScheduler:
+    """MONAI DDPMScheduler (noise-prediction, the reference study's sampler) from the `scheduler` section."""
+    return DDPMScheduler(**_schedule_args(sched_cfg))
+
+
+def build_ddim(sched_cfg: dict, steps: int) -> DDIMScheduler:
+    """MONAI DDIMScheduler with the same betas as `build_scheduler`, set to `steps` inference steps."""
+    ddim = DDIMScheduler(**_schedule_args(sched_cfg))
+    ddim.set_timesteps(int(steps))
+    return ddim
+
+
+def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, x: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise-prediction MSE: draw noise and uniform timesteps, noise `x`, predict the noise.
+
+    `model` may be the bare UNet or a DDP/DeepSpeed wrapper around it. The loss is computed in fp32
+    even under bf16 autocast.
+    """
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), generator=generator, device=x.device)
+    x_t = scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
+    pred = model(x_t, timesteps=t)
+    return F.mse_loss(pred.float(), noise.float())

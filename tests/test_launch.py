@@ -1,0 +1,157 @@
+"""Launching: config checks before submission, SLURM parameters, in-process runs, and a 2-process
+DeepSpeed (gloo) job through submitit's LocalExecutor that is preempted, requeued and resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from submitit.slurm.slurm import _make_sbatch_string
+
+from test_train import losses, make_shards, tiny_config
+
+from brainddpm.config import deep_merge
+from brainddpm.errors import BadInputError, BrainDDPMError, ConfigError
+from brainddpm.launch import TrainingInterrupted, run_training, slurm_parameters, submit_training, wait_training
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards") / "train")
+
+
+def _cfg(**sections) -> dict:
+    return deep_merge(tiny_config(), sections)
+
+
+@pytest.mark.parametrize("sections,key", [
+    ({"launch": {"tasks_per_node": 2}}, "launch.executor"),  # inprocess is one process
+    ({"launch": {"executor": "local", "nodes": 2}}, "launch.nodes"),
+    ({"launch": {"executor": "local", "gpus_per_node": 64}}, "launch.gpus_per_node"),
+    ({"launch": {"executor": "slurm", "gpus_per_node": 4, "tasks_per_node": 2}}, "launch.tasks_per_node"),
+    ({"train": {"backend": "ddp", "zero_stage": 2}}, "train.zero_stage"),
+    ({"train": {"micro_batch": 3, "grad_accum": 3}}, "train.micro_batch"),  # 9 volumes per step, 8 in the split
+    ({"launch": {"executor": "local", "tasks_per_node": 3}, "train": {"micro_batch": 3}}, "train.micro_batch"),
+    ({"model": {"channels": [8, 8, 12], "attention_levels": [False] * 3, "norm_num_groups": 4}},
+     "model.num_head_channels"),
+    ({"launch": {"executor": "kubernetes"}}, "launch.executor"),  # schema
+])
+def test_impossible_configs_fail_before_submission(shards, tmp_path, sections, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        run_training(_cfg(**sections), shards, tmp_path)
+    assert not (tmp_path / "local").exists() and not (tmp_path / "train.json").exists()
+
+
+def test_slurm_without_sbatch_and_missing_shards(shards, tmp_path, monkeypatch):
+    with pytest.raises(BadInputError, match="index.json"):
+        run_training(_cfg(), tmp_path / "nowhere", tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    with pytest.raises(ConfigError, match="no sbatch"):
+        run_training(_cfg(launch={"executor": "slurm"}), shards, tmp_path)
+
+
+def test_slurm_parameters_reach_sbatch(tmp_path):
+    cfg = _cfg(run="leo", launch={
+        "executor": "slurm", "nodes": 2, "gpus_per_node": 4, "cpus_per_task": 8, "mem_gb": 480,
+        "partition": "boost_usr_prod", "account": "AIFAC_x", "qos": "normal", "time_min": 1440,
+        "setup": ["module load python/3.11", "source venv/bin/activate"], "slurm_extra": {"exclusive": True}})
+    script = _make_sbatch_string(command="python -m x", folder=str(tmp_path), **slurm_parameters(cfg))
+    for line in ["--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=480G",
+                 "--time=1440", "--partition=boost_usr_prod", "--account=AIFAC_x", "--qos=normal",
+                 "--signal=USR2@120", "--exclusive", "--job-name=brainddpm-train-leo"]:
+        assert f"#SBATCH {line}" in script, line
+    assert "module load python/3.11" in script and "source venv/bin/activate" in script
+
+
+def _signal_after_steps(out_dir: Path, steps: int, pids) -> threading.Thread:
+    """Send SIGUSR2 (what SLURM sends before the time limit) to `pids()` once loss.csv has `steps` rows."""
+    def run():
+        while len(losses(out_dir) if (out_dir / "loss.csv").exists() else []) < steps:
+            time.sleep(0.02)
+        for pid in pids():
+            os.kill(pid, signal.SIGUSR2)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_inprocess_run_stops_on_signal_and_resumes(shards, tmp_path):
+    cfg = _cfg(train={"max_steps": 20, "checkpoint_every": 100})
+    previous = signal.signal(signal.SIGUSR2, lambda *_: None)  # never let a late signal end pytest
+    try:
+        _signal_after_steps(tmp_path, 2, lambda: [os.getpid()])
+        with pytest.raises(TrainingInterrupted, match="stopped by signal at step"):
+            run_training(cfg, shards, tmp_path)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    saved = [int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").iterdir()]
+    assert len(saved) == 1 and 2 <= saved[0] < 20
+    result = run_training(cfg, shards, tmp_path)
+    assert result["resumed_from_step"] == saved[0] and result["steps"] == 20
+    assert [s for s, _ in losses(tmp_path)] == list(range(1, 21))
+
+
+def test_failed_job_names_its_logs(shards, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "index.json").write_text((shards / "index.json").read_text())  # lists a shard that is not there
+    with pytest.raises(BrainDDPMError, match=r"training job \S+ failed(.|\n)*shard-000.h5(.|\n)*_0_log.err"):
+        run_training(_cfg(launch={"executor": "local"}), broken, tmp_path / "out")
+
+
+def _task_pids(controller_pid: int) -> list[int]:
+    text = Path(f"/proc/{controller_pid}/task/{controller_pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+@pytest.mark.slow  # about 30 s on 2 cores: two process starts (torch, MONAI, DeepSpeed) per attempt
+def test_two_processes_preempted_requeued_and_identical(shards, tmp_path):
+    """DeepSpeed ZeRO-1 on 2 gloo processes; SIGUSR2 mid-run (what SLURM sends before the time limit)."""
+    cfg = _cfg(train={"backend": "deepspeed", "zero_stage": 1, "micro_batch": 1, "max_steps": 24,
+                      "checkpoint_every": 100},
+               launch={"executor": "local", "tasks_per_node": 2, "time_min": 10, "max_requeues": 1})
+    job = submit_training(cfg, shards, tmp_path)
+    _signal_after_steps(tmp_path, 2, lambda: _task_pids(job._process.pid))
+    result = wait_training(job)
+    assert result["requeues"] == 1 and 2 <= result["resumed_from_step"] < 24, result
+    assert result["world_size"] == 2 and result["steps"] == 24
+    assert len(result["weights_sha256"]) == 2 and len(set(result["weights_sha256"])) == 1
+    assert [s for s, _ in losses(tmp_path)] == list(range(1, 25))
+    log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
+    assert "preemption signal; checkpoint saved" in log and "requeuing training" in log
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster, monkeypatch):
+    """submitit runs sbatch/scontrol from this process: point it at the test cluster (tests/conftest.py)."""
+    for k in list(os.environ):
+        if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    monkeypatch.setenv("PATH", slurm_cluster.env["PATH"])
+    return slurm_cluster
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_job_is_signalled_requeued_and_resumed(slurm_env, shards, tmp_path):
+    """2 tasks (DDP, gloo) on the local SLURM cluster; USR2 as SLURM sends it before the time limit."""
+    cfg = _cfg(train={"backend": "ddp", "micro_batch": 1, "max_steps": 24, "checkpoint_every": 100},
+               launch={"executor": "slurm", "tasks_per_node": 2, "cpus_per_task": 1, "mem_gb": 1,
+                       "partition": slurm_env.partition, "time_min": 10, "max_requeues": 1})
+    job = submit_training(cfg, shards, tmp_path)
+    deadline = time.time() + 180
+    while len(losses(tmp_path) if (tmp_path / "loss.csv").exists() else []) < 2:
+        assert time.time() < deadline, "training made no progress"
+        time.sleep(0.2)
+    slurm_env.run("scancel", "--signal=USR2", job.job_id)
+    result = wait_training(job)
+    assert result["requeues"] == 1 and 2 <= result["resumed_from_step"] < 24, result
+    assert result["world_size"] == 2 and len(set(result["weights_sha256"])) == 1
+    assert [s for s, _ in losses(tmp_path)] == list(range(1, 25))
+    assert (tmp_path / "slurm").is_dir()
