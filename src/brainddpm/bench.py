@@ -1,7 +1,11 @@
-"""Benchmarks that print their figures (`brainddpm bench data|train|eval`).
+"""Benchmarks that print their figures (`brainddpm bench data|train|eval|sampling`).
 
-data: volumes/s of NIfTI load + preprocessing (what a loader without shards does) against
-volumes/s read from HDF5 shards through ShardDataset, on the same images, per process.
+data:     volumes/s of NIfTI load + preprocessing (what a loader without shards does) against
+          volumes/s read from HDF5 shards through ShardDataset, on the same images, per process.
+train:    steps/s, samples/s, MFU and peak memory of the UNet of a preset on this device.
+eval:     wall time of one point evaluation of every metric (Grams, MS-SSIM matrices, features)
+          against the 1000 bootstrap resamples that index them.
+sampling: wall time of DDPM (all steps) against DDIM on the same trained model.
 """
 
 from __future__ import annotations
@@ -63,7 +67,115 @@ def print_data(res: dict) -> None:
               f"({r['bytes_per_vol'] / 1e6:.2f} MB/volume)  ratio {r['speedup']:.0f}x")
 
 
+def _preset(name: str) -> dict:
+    from .config import deep_merge
+
+    root = Path(__file__).resolve().parents[2] / "config"
+    if not (root / "config.yaml").exists():
+        raise SystemExit(f"config presets not found under {root} (run from a checkout)")
+    import yaml
+
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    if name != "paper":
+        cfg = deep_merge(cfg, yaml.safe_load((root / f"{name}.yaml").read_text()))
+    return cfg
+
+
+def _pct(x) -> str:
+    return "n/a (no known bf16 peak for this device)" if x is None else f"{100 * x:.1f} %"
+
+
+def bench_train_main(args) -> None:
+    from .bench_train import bench_train
+
+    cfg = _preset(args.preset)
+    shape = args.target_shape or cfg["data"]["target_shape"]
+    r = bench_train(cfg["model"], cfg["scheduler"], shape, args.batch, args.steps, device=args.device)
+    print(f"brainddpm bench train: preset {args.preset}, target {'x'.join(map(str, shape))}, batch {args.batch}, "
+          f"{args.steps} steps, {r['device']}, {r['precision']}")
+    print(f"  parameters        : {r['parameters'] / 1e6:.1f} M")
+    print(f"  FLOPs per sample  : {r['flops_per_sample'] / 1e12:.3f} TFLOP (forward + backward)")
+    print(f"  steps/s           : {r['steps_per_s']:.3f}")
+    print(f"  samples/s         : {r['samples_per_s']:.3f}")
+    print(f"  achieved          : {r['tflops_per_s']:.2f} TFLOP/s")
+    print(f"  MFU               : {_pct(r['mfu'])}")
+    print(f"  peak memory       : {r['peak_memory_bytes'] / 2**30:.2f} GiB")
+
+
+def bench_eval(n: int, shape, kernel: int, scales: int, n_boot: int, jobs: int, device: str) -> dict:
+    """Point evaluation of all metrics (features included) against n_boot resamples, same inputs."""
+    from . import bootstrap, metrics
+    from .medicalnet import build_network, extract_features
+
+    rng = np.random.default_rng(0)
+    idx = np.indices(shape).astype(np.float32)
+    c = (np.array(shape) - 1) / 2
+    r = sum(((idx[k] - c[k]) / (shape[k] * 0.4)) ** 2 for k in range(3)) < 1
+    real = (rng.random((n, 1, *shape), dtype=np.float32) * r).astype(np.float32)
+    syn = (rng.random((n, 1, *shape), dtype=np.float32) * r).astype(np.float32)
+    t0 = time.perf_counter()
+    kxx, kyy, kxy = metrics.gram_matrices(real, syn)
+    box = metrics.brain_bbox([real, syn], min_size=metrics.msssim_min_size(kernel, scales))
+    ms = {f"{k}{s}": metrics.pairwise_msssim(v if not s else metrics.crop(v, box), kernel, scales, 1.0, device=device)
+          for k, v in (("real", real), ("syn", syn)) for s in ("", "_bbox")}
+    net = build_network("resnet10").to(device).eval()  # random weights: timing only, never reported as FID
+    fr, fs = extract_features(real, net, device=device), extract_features(syn, net, device=device)
+    inputs = bootstrap.prepare_inputs(kxx, kyy, kxy, int(np.prod(shape)), ms["real"], ms["syn"], ms["real_bbox"],
+                                      ms["syn_bbox"], fr, fs)
+    bootstrap.point_estimates(inputs)
+    point_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    chunks = [bootstrap.resample_chunk(inputs, a, b, 1) for a, b in bootstrap.chunk_bounds(n_boot, jobs)]
+    bootstrap.gather(bootstrap.point_estimates(inputs), chunks)
+    boot_s = time.perf_counter() - t0
+    return {"n": n, "shape": list(shape), "point_s": point_s, "bootstrap_s": boot_s, "n_boot": n_boot,
+            "ratio": boot_s / point_s, "device": device}
+
+
+def bench_sampling(checkpoint: Path, n: int, ddim_steps: int, device: str) -> dict:
+    from .checkpoint import load_final
+    from .sample import denoise, make_scheduler
+
+    dev = torch_device(device)
+    model, config = load_final(checkpoint, dev)
+    shape = tuple(config["data"]["target_shape"])
+    out = {"checkpoint": str(checkpoint), "n": n, "device": str(dev)}
+    for sampler in ("ddpm", "ddim"):
+        sch = make_scheduler(config, sampler, ddim_steps)
+        t0 = time.perf_counter()
+        denoise(model, sch, list(range(n)), shape, dev)
+        if dev.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        out[sampler] = {"steps": len(sch.timesteps), "seconds": time.perf_counter() - t0}
+    out["ratio"] = out["ddpm"]["seconds"] / out["ddim"]["seconds"]
+    return out
+
+
+def torch_device(name: str):
+    import torch
+
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
 def main(args) -> None:
     if args.what == "data":
         codecs = ("none", "lzf", "gzip-1", "gzip-4") if args.compare_codecs else ("lzf",)
         print_data(bench_data(args.n, args.target_shape, args.workdir, codecs))
+    elif args.what == "train":
+        bench_train_main(args)
+    elif args.what == "eval":
+        r = bench_eval(args.n, args.shape, args.kernel, args.scales, args.bootstrap, args.jobs,
+                       str(torch_device(args.device)))
+        print(f"brainddpm bench eval: {r['n']} real + {r['n']} synthetic volumes of {'x'.join(map(str, r['shape']))}"
+              f" on {r['device']}")
+        print(f"  one point evaluation of all metrics : {r['point_s']:8.2f} s (Grams, 4 MS-SSIM matrices, features)")
+        print(f"  {r['n_boot']} bootstrap resamples          : {r['bootstrap_s']:8.2f} s")
+        print(f"  ratio                               : {r['ratio']:8.3f}x (target < 2x)")
+    elif args.what == "sampling":
+        r = bench_sampling(args.checkpoint, args.n, args.ddim_steps, args.device)
+        print(f"brainddpm bench sampling: {r['n']} volumes, {r['checkpoint']}, {r['device']}")
+        for s in ("ddpm", "ddim"):
+            print(f"  {s}: {r[s]['steps']:5d} steps {r[s]['seconds']:9.2f} s")
+        print(f"  DDPM/DDIM wall-time ratio: {r['ratio']:.1f}x")

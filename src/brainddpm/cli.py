@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("bench", help="benchmarks that print their figures (data)",
+    p = sub.add_parser("bench", help="benchmarks that print their figures (data, train, eval, sampling)",
                        description="Measure throughput; figures are printed and can go in docs/benchmarks.md.")
     bsub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     b = bsub.add_parser("data", help="NIfTI load+preprocess vs shard reads (volumes/s)")
@@ -262,6 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target-shape", type=int, nargs=3, default=[84, 128, 84])
     b.add_argument("--workdir", type=Path, default=Path("results/bench"), help="scratch folder")
     b.add_argument("--compare-codecs", action="store_true", help="also measure size and read speed per codec")
+    b = bsub.add_parser("train", help="training steps/s, samples/s, MFU, peak memory on this device")
+    b.add_argument("--preset", choices=["paper", "demo"], default="paper", help="model preset (default: paper)")
+    b.add_argument("--batch", type=int, default=1, help="micro-batch (default: 1)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps (default: 10)")
+    b.add_argument("--target-shape", type=int, nargs=3, help="override the preset's target shape")
+    b.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    b = bsub.add_parser("eval", help="one point evaluation of all metrics vs the bootstrap resamples")
+    b.add_argument("--n", type=int, default=86)
+    b.add_argument("--shape", type=int, nargs=3, default=[84, 128, 84])
+    b.add_argument("--kernel", type=int, default=5)
+    b.add_argument("--scales", type=int, default=5)
+    b.add_argument("--bootstrap", type=int, default=1000)
+    b.add_argument("--jobs", type=int, default=4)
+    b.add_argument("--device", default="auto")
+    b = bsub.add_parser("sampling", help="DDPM (all steps) vs DDIM wall time on one trained model")
+    b.add_argument("--checkpoint", type=Path, required=True, help="model.safetensors")
+    b.add_argument("--n", type=int, default=4, help="volumes per sampler (default: 4)")
+    b.add_argument("--ddim-steps", type=int, default=50)
+    b.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)
     return parser
 

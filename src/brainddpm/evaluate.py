@@ -76,7 +76,8 @@ def run_features(eval_cfg: dict, seed: int, val_dir: Path, parts: list[Path], ou
     log.info("features: %d real vs %d synthetic volumes on %s", len(real), len(syn), device)
     kxx, kyy, kxy = metrics.gram_matrices(real, syn)
     msssim = {}
-    box = metrics.brain_bbox([real, syn], min_size=metrics.msssim_min_size(ms["kernel_size"], ms["scales"]))
+    # the brain box comes from the real anatomy: noisy synthetic backgrounds would stretch it to the whole volume
+    box = metrics.brain_bbox([real], min_size=metrics.msssim_min_size(ms["kernel_size"], ms["scales"]))
     for name, vols in (("real", real), ("syn", syn)):
         for suffix, v in (("", vols), ("_bbox", metrics.crop(vols, box))):
             msssim[name + suffix] = metrics.pairwise_msssim(v, ms["kernel_size"], ms["scales"], ms["data_range"],
