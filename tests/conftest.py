@@ -48,3 +48,15 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster, monkeypatch):
+    """For code that calls sbatch/scancel/scontrol from the test process (submitit): the cluster's
+    SLURM_CONF and PATH, and no SLURM variables inherited from an outer job."""
+    for k in list(os.environ):
+        if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    monkeypatch.setenv("PATH", slurm_cluster.env["PATH"])
+    return slurm_cluster

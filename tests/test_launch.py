@@ -126,17 +126,6 @@ def test_two_processes_preempted_requeued_and_identical(shards, tmp_path):
     assert "preemption signal; checkpoint saved" in log and "requeuing training" in log
 
 
-@pytest.fixture
-def slurm_env(slurm_cluster, monkeypatch):
-    """submitit runs sbatch/scontrol from this process: point it at the test cluster (tests/conftest.py)."""
-    for k in list(os.environ):
-        if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_")):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
-    monkeypatch.setenv("PATH", slurm_cluster.env["PATH"])
-    return slurm_cluster
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_job_is_signalled_requeued_and_resumed(slurm_env, shards, tmp_path):

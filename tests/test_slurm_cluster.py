@@ -26,17 +26,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.slurm
 
 
-@pytest.fixture
-def slurm_env(slurm_cluster, monkeypatch):
-    """submitit runs sbatch/scancel/scontrol from this process: point it at the cluster."""
-    for k in list(os.environ):
-        if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_")):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
-    monkeypatch.setenv("PATH", slurm_cluster.env["PATH"])
-    return slurm_cluster
-
-
 def _executor(folder, cluster, **params):
     ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
     ex.update_parameters(slurm_partition=cluster.partition, timeout_min=10, mem_gb=1, **params)

@@ -50,20 +50,69 @@ def test_config_error_stops_before_any_job(tmp_path):
     assert "config key 'train.lr'" in proc.stdout + proc.stderr
 
 
+SMALL = {  # the demo preset, smaller still: the whole DAG in a couple of minutes on 2 cores
+    "scheduler": {"num_train_timesteps": 50},
+    "train": {"epochs": 6, "micro_batch": 2, "checkpoint_every": 5},
+    "sample": {"n": 4, "batch": 2, "jobs": 2, "samplers": ["ddpm", "ddim"], "ddim_steps": 10},
+    "evaluate": {"n": 4, "bootstrap": 50, "jobs": 2},
+}
+
+
+def run_demo(tmp, *targets, extra=None, dry=False):
+    over = demo_overrides(tmp, **SMALL) if extra is None else extra
+    args = [*targets, "--profile", "profiles/local", "--cores", "2", "--configfile", "config/config.yaml",
+            "config/demo.yaml", str(over)]
+    return snakemake(*args, *(["-n"] if dry else []))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    proc = run_demo(tmp)
+    return tmp, proc
+
+
 @pytest.mark.slow
-def test_prepare_end_to_end(tmp_path):
-    over = demo_overrides(tmp_path)
-    snakemake("prepare", "--profile", "profiles/local", "--cores", "2",
-              "--configfile", "config/config.yaml", "config/demo.yaml", str(over))
-    res = tmp_path / "results"
+def test_demo_pipeline_writes_the_report(demo_run):
+    tmp, _ = demo_run
+    res = tmp / "results"
     index = {s: json.loads((res / "shards" / s / "index.json").read_text()) for s in ("train", "val")}
     assert index["train"]["n_volumes"] + index["val"]["n_volumes"] == 10
-    assert (res / "qc" / "excluded.tsv").read_text().startswith("path\tdataset\treason")
-    assert (tmp_path / "demo" / "mosaic.png").stat().st_size > 10_000
-    for s in ("train", "val"):
-        for shard in index[s]["shards"]:
-            assert (res / "shards" / s / shard["file"]).exists()
-    # nothing left to do on a rerun
-    proc = snakemake("prepare", "-n", "--profile", "profiles/local", "--configfile", "config/config.yaml",
-                     "config/demo.yaml", str(over))
+    assert (tmp / "demo" / "mosaic.png").stat().st_size > 10_000
+    info = json.loads((res / "train" / "demo" / "train.json").read_text())
+    assert info["steps"] > 0 and info["world_size"] == 1
+    for sampler in ("ddpm", "ddim"):
+        assert len(list((res / "samples" / "demo" / sampler).glob("nifti-*/*.nii.gz"))) == 4
+        metrics = json.loads((res / "eval" / "demo" / sampler / "metrics.json").read_text())["metrics"]
+        assert metrics["mmd_monai_generative"]["n_real"] == min(4, index["val"]["n_volumes"])
+    report = res / "report"
+    for name in ("report.md", "metrics.md", "metrics.csv", "metrics.json", "loss.png", "slices.png", "ci.png",
+                 "memorization.png"):
+        assert (report / name).stat().st_size > 100, name
+    assert "FID was not computed" in (report / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_rerun_does_nothing_and_sampling_changes_rerun_only_downstream(demo_run):
+    tmp, _ = demo_run
+    proc = run_demo(tmp, dry=True)
     assert "Nothing to be done" in proc.stdout + proc.stderr
+    over = yaml.safe_load((tmp / "overrides.yaml").read_text())
+    over["sample"]["base_seed"] = 7
+    changed = tmp / "changed.yaml"
+    changed.write_text(yaml.safe_dump(over))
+    proc = run_demo(tmp, extra=changed, dry=True)
+    out = proc.stdout + proc.stderr
+    table = out[out.index("Job stats:"):out.index("Reasons:")]
+    rules = {line.split()[0] for line in table.splitlines()[3:] if line.strip() and not line.startswith("total")}
+    assert rules == {"sample_part", "features", "bootstrap", "gather_metrics", "memorization", "report", "all"}
+
+
+@pytest.mark.slow
+def test_html_report(demo_run):
+    tmp, _ = demo_run
+    html = tmp / "report.html"
+    snakemake("--report", str(html), "--configfile", "config/config.yaml", "config/demo.yaml",
+              str(tmp / "overrides.yaml"))
+    text = html.read_text(errors="replace")
+    assert html.stat().st_size > 50_000 and "metrics.md" in text

@@ -122,7 +122,7 @@ def cmd_report(args) -> None:
     from .report import write_report
 
     if len(args.metrics) != len(args.samplers):
-        raise SystemExit("brainddpm report: give one --metrics file per --samplers entry")
+        raise BrainDDPMError("give one --metrics file per --samplers entry")
     parts = {s: sorted(p for p in args.samples if f"/{s}/" in str(p)) for s in args.samplers}
     write_report(dict(zip(args.samplers, args.metrics)), args.memorization, args.train, args.real, parts,
                  args.run_dir, args.out)

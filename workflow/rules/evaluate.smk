@@ -2,6 +2,10 @@
 # memorization check against the training set.
 
 
+localrules:
+    fetch_fid_weights,  # needs the internet: runs where Snakemake runs (a login node), never in a job
+
+
 rule fetch_fid_weights:
     output:
         config["evaluate"]["fid"]["weights"] or "resources/medicalnet/weights.pth",
