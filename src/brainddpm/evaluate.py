@@ -70,8 +70,11 @@ def run_features(eval_cfg: dict, seed: int, val_dir: Path, parts: list[Path], ou
     device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     real, real_meta = select_real(val_dir, eval_cfg["n"], seed)
     syn, syn_meta = select_synthetic(parts, eval_cfg["n"])
-    if len(real) < 2 or len(syn) < 2:
-        raise BadInputError(val_dir if len(real) < 2 else parts[0], "need at least 2 real and 2 synthetic volumes")
+    if len(real) < 4:
+        raise BadInputError(val_dir, f"{len(real)} validation volumes; the metrics need at least 4 (the real-halves "
+                                     "floor compares two halves of at least 2)")
+    if len(syn) < 2:
+        raise BadInputError(parts[0], f"{len(syn)} synthetic volumes; the metrics need at least 2")
     ms = eval_cfg["msssim"]
     log.info("features: %d real vs %d synthetic volumes on %s", len(real), len(syn), device)
     kxx, kyy, kxy = metrics.gram_matrices(real, syn)
