@@ -70,7 +70,7 @@ def test_slurm_parameters_reach_sbatch(tmp_path):
 def _signal_after_steps(out_dir: Path, steps: int, pids) -> threading.Thread:
     """Send SIGUSR2 (what SLURM sends before the time limit) to `pids()` once loss.csv has `steps` rows."""
     def run():
-        while len(losses(out_dir) if (out_dir / "loss.csv").exists() else []) < steps:
+        while len(losses(out_dir, live=True)) < steps:
             time.sleep(0.02)
         for pid in pids():
             os.kill(pid, signal.SIGUSR2)
@@ -89,7 +89,7 @@ def test_inprocess_run_stops_on_signal_and_resumes(shards, tmp_path):
             run_training(cfg, shards, tmp_path)
     finally:
         signal.signal(signal.SIGUSR2, previous)
-    saved = [int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").iterdir()]
+    saved = [int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*")]
     assert len(saved) == 1 and 2 <= saved[0] < 20
     result = run_training(cfg, shards, tmp_path)
     assert result["resumed_from_step"] == saved[0] and result["steps"] == 20
@@ -135,7 +135,7 @@ def test_slurm_job_is_signalled_requeued_and_resumed(slurm_env, shards, tmp_path
                        "partition": slurm_env.partition, "time_min": 10, "max_requeues": 1})
     job = submit_training(cfg, shards, tmp_path)
     deadline = time.time() + 180
-    while len(losses(tmp_path) if (tmp_path / "loss.csv").exists() else []) < 2:
+    while len(losses(tmp_path, live=True)) < 2:
         assert time.time() < deadline, "training made no progress"
         time.sleep(0.2)
     slurm_env.run("scancel", "--signal=USR2", job.job_id)

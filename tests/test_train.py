@@ -23,9 +23,9 @@ from brainddpm.train import train
 SHAPE = (16, 16, 16)
 
 
-def make_shards(split_dir: Path, n: int = 8) -> Path:
+def make_shards(split_dir: Path, n: int = 8, seed: int = 0) -> Path:
     """A training split of `n` ellipsoid 'brains' of 16^3 voxels in [0, 1], in one shard."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     idx = np.indices(SHAPE).astype(np.float32)
     vols = []
     for _ in range(n):
@@ -49,8 +49,12 @@ def tiny_config(**train) -> dict:
     )
 
 
-def losses(out_dir: Path) -> list[tuple[int, float]]:
-    with open(out_dir / "loss.csv", newline="") as f:
+def losses(out_dir: Path, live: bool = False) -> list[tuple[int, float]]:
+    """Rows of loss.csv; `live`: the log that grows during training (checkpoints/loss.csv)."""
+    path = out_dir / "checkpoints" / "loss.csv" if live else out_dir / "loss.csv"
+    if live and not path.exists():
+        return []
+    with open(path, newline="") as f:
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
 
 
@@ -74,9 +78,19 @@ def test_a_few_steps_reduce_the_loss(shards, tmp_path):
     assert config["data"]["target_shape"] == list(SHAPE) and config["data"]["intensity_range"] == [0.0, 1.0]
     assert np.allclose(config["data"]["affine"], grid_affine(SHAPE, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
     assert config["step"] == 12 and config["model"]["channels"] == [8, 8, 8]
-    # resuming that run with another network is refused, naming the checkpoint and the section
-    with pytest.raises(CheckpointError, match="step-00000012 was trained with a different 'model' config"):
+    # resuming that run with another network, optimiser setting or training set is refused, naming the
+    # checkpoint and what changed; a larger budget continues it, and the loss history survives the
+    # deletion of loss.csv (Snakemake removes a rule's outputs before rerunning it)
+    with pytest.raises(CheckpointError, match="step-00000012 was trained with a different model"):
         train(deep_merge(tiny_config(max_steps=14), {"model": {"channels": [16, 16, 16]}}), shards, tmp_path)
+    with pytest.raises(CheckpointError, match="different train.lr"):
+        train(deep_merge(tiny_config(max_steps=14), {"train": {"lr": 0.5}}), shards, tmp_path)
+    other = make_shards(tmp_path / "other" / "train", seed=1)
+    with pytest.raises(CheckpointError, match="training shards"):
+        train(tiny_config(max_steps=14), other, tmp_path)
+    (tmp_path / "loss.csv").unlink()
+    more = train(tiny_config(max_steps=14), shards, tmp_path)
+    assert more["resumed_from_step"] == 12 and [s for s, _ in losses(tmp_path)] == list(range(1, 15))
 
 
 @pytest.mark.parametrize("backend,zero_stage", [("ddp", 0), ("deepspeed", 1)])

@@ -154,9 +154,9 @@ def bench_sampling(checkpoint: Path, n: int, ddim_steps: int, device: str) -> di
 
 
 def torch_device(name: str):
-    import torch
+    from .sample import pick_device
 
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    return pick_device(name)
 
 
 def main(args) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainddpm.atomic import atomic_path
 from brainddpm import metrics
 
 FID_CAVEAT = (
@@ -95,7 +96,7 @@ def prepare_inputs(kxx, kyy, kxy, n_voxels: int, msssim_real, msssim_syn, msssim
 
 def save_npz(path: str | Path, arrays: dict) -> None:
     """Write a dict of arrays to exactly ``path`` (np.savez would append .npz to other names)."""
-    with open(path, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 
 

@@ -123,7 +123,7 @@ def cmd_report(args) -> None:
 
     if len(args.metrics) != len(args.samplers):
         raise BrainDDPMError("give one --metrics file per --samplers entry")
-    parts = {s: sorted(p for p in args.samples if f"/{s}/" in str(p)) for s in args.samplers}
+    parts = {s: sorted(p for p in args.samples if p.parent.name == s) for s in args.samplers}
     write_report(dict(zip(args.samplers, args.metrics)), args.memorization, args.train, args.real, parts,
                  args.run_dir, args.out)
 
@@ -294,6 +294,14 @@ def main(argv=None) -> int:
     except BrainDDPMError as exc:
         print(f"brainddpm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        # unreadable or inconsistent inputs that no check above caught: one clear line (traceback with -v)
+        if args.verbose:
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"brainddpm {args.command}: error: {type(exc).__name__}{where}: {exc} (rerun with -v for the "
+              "traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

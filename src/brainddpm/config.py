@@ -97,6 +97,9 @@ def _check_consistency(cfg: dict) -> None:
         _check_launch(cfg["train"], cfg["launch"])
     if "evaluate" in cfg and cfg["evaluate"]["jobs"] > cfg["evaluate"]["bootstrap"]:
         raise ConfigError("config key 'evaluate.jobs': more jobs than bootstrap resamples")
+    names = [d["name"] for d in cfg.get("datasets", [])]
+    if len(names) != len(set(names)):
+        raise ConfigError(f"config key 'datasets': dataset names must be unique, got {names}")
     if {"datasets", "demo"} <= set(cfg) and not cfg["datasets"] and not cfg["demo"]["enabled"]:
         raise ConfigError("config key 'datasets': empty; list your datasets or enable the demo cohort")
 
@@ -148,11 +151,13 @@ def _check_shape(model: dict, data: dict) -> None:
 
 
 def _check_msssim(ms: dict, target_shape) -> None:
-    div = max(1, ms["scales"] - 1) ** 2  # MONAI MultiScaleSSIMMetric's own requirement
-    if any(s // div <= ms["kernel_size"] - 1 for s in target_shape):
+    from .metrics import msssim_min_size  # MONAI MultiScaleSSIMMetric's own requirement
+
+    need = msssim_min_size(ms["kernel_size"], ms["scales"])
+    if any(s < need for s in target_shape):
         raise ConfigError(
-            f"config key 'evaluate.msssim': kernel_size={ms['kernel_size']} with {ms['scales']} scales does "
-            f"not fit target shape {target_shape} (each side // {div} must exceed kernel_size - 1)"
+            f"config key 'evaluate.msssim': kernel_size={ms['kernel_size']} with {ms['scales']} scales needs "
+            f"every side of the target shape {target_shape} to be at least {need}"
         )
 
 

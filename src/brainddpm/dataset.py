@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .shards import check_volume, read_meta, split_files
+from .shards import check_volume, open_shard, read_meta, split_files
 
 
 class ShardDataset(Dataset):
@@ -47,7 +47,7 @@ class ShardDataset(Dataset):
         if self._pid != os.getpid():  # forked into a worker: never share HDF5 handles
             self._handles, self._pid = {}, os.getpid()
         if fi not in self._handles:
-            self._handles[fi] = h5py.File(self.files[fi], "r")
+            self._handles[fi] = open_shard(self.files[fi])
         return self._handles[fi]
 
     def _read(self, i: int) -> np.ndarray:

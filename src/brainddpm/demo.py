@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_path
 from .nifti import grid_affine
 
 _TEMPLATE_DIR = "datasets/data"
@@ -178,7 +179,6 @@ def write_mosaic(paths: list[Path], png: Path) -> None:
             ax.set_axis_off()
             ax.set_title(f"{Path(path).name.split('_T1w')[0]} {name}", fontsize=7)
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=80)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)

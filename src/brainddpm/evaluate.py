@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from . import bootstrap, metrics
 from .errors import BadInputError
 from .shards import read_volumes, split_files
 
 log = logging.getLogger(__name__)
+_REAL_SUBSET_STREAM = 1  # stream id of the real-subset draw, apart from the bootstrap's streams
 
 
 def _ids(meta: list[dict]) -> list[dict]:
@@ -30,7 +31,7 @@ def select_real(val_dir: Path, n: int, seed: int) -> tuple[np.ndarray, list[dict
     """n validation volumes: all if there are at most n, else a seeded subset (kept in index order)."""
     vols, meta, _ = read_volumes(split_files(val_dir))
     if len(vols) > n:
-        keep = np.sort(np.random.default_rng([seed, 86]).choice(len(vols), n, replace=False))
+        keep = np.sort(np.random.default_rng([seed, _REAL_SUBSET_STREAM]).choice(len(vols), n, replace=False))
         vols, meta = vols[keep], [meta[i] for i in keep]
     return vols, meta
 
@@ -43,11 +44,8 @@ def select_synthetic(parts: list[Path], n: int) -> tuple[np.ndarray, list[dict]]
 
 
 def _json_dump(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp-" + path.name)
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 def fid_features(eval_cfg: dict, real: np.ndarray, syn: np.ndarray, device: str):
@@ -60,14 +58,16 @@ def fid_features(eval_cfg: dict, real: np.ndarray, syn: np.ndarray, device: str)
     if not Path(fid["weights"]).exists():
         return None, f"weights file {fid['weights']} not found (run `snakemake fetch_fid_weights` on a login node)"
     model = load_medicalnet(fid["network"], fid["weights"], device)
-    return (extract_features(real, model, device=device), extract_features(syn, model, device=device)), None
+    mask = (real[:, 0] > 0).any(axis=0)  # the real anatomy normalises both sets alike
+    return (extract_features(real, model, device=device, mask=mask),
+            extract_features(syn, model, device=device, mask=mask)), None
 
 
 def run_features(eval_cfg: dict, seed: int, val_dir: Path, parts: list[Path], out: Path, ids_out: Path,
                  device: str = "auto") -> dict:
-    import torch
+    from .sample import pick_device
 
-    device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    device = str(pick_device(device))
     real, real_meta = select_real(val_dir, eval_cfg["n"], seed)
     syn, syn_meta = select_synthetic(parts, eval_cfg["n"])
     if len(real) < 4:

@@ -16,6 +16,8 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import logging
+
 import numpy as np
 
 from .errors import BadInputError
@@ -25,6 +27,7 @@ MANIFEST_COLUMNS = ["subject", "session", "dataset", "path", "shape", "spacing",
 SPLIT_COLUMNS = ["subject", "session", "dataset", "path", "sha256", "split"]
 EXCLUDED_COLUMNS = ["path", "dataset", "reason"]
 
+log = logging.getLogger(__name__)
 _SUB = re.compile(r"sub-([A-Za-z0-9]+)")
 _SES = re.compile(r"ses-([A-Za-z0-9]+)")
 
@@ -45,6 +48,11 @@ def write_tsv(rows: list[dict], columns: list[str], path) -> None:
 def read_tsv(path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def natural_key(text: str) -> list:
+    """Sort key that puts ses-2 before ses-10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
 def ids_from_path(path: str) -> tuple[str, str]:
@@ -72,6 +80,10 @@ def discover(dataset: dict) -> tuple[list[str], list[dict]]:
     paths = [p for p in paths if Path(p).is_file() or not Path(p).exists()]
     if not paths:
         return [], [{"path": where, "dataset": name, "reason": "no file matches"}]
+    anonymous = sum(1 for p in paths if not _SUB.search(p))
+    if anonymous:
+        log.warning("dataset %s: %d files have no sub-<label> in their path; each is taken as its own subject, "
+                    "so sessions of one person could land in both splits (use BIDS names)", name, anonymous)
     return paths, []
 
 
@@ -163,7 +175,7 @@ def split_subjects(rows: list[dict], val_fraction: float, seed: int, stratify: b
     """Assign each subject (all its sessions) to 'train' or 'val'. Deterministic for a seed."""
     if longitudinal == "first":
         first = {}
-        for r in sorted(rows, key=lambda r: r["session"]):
+        for r in sorted(rows, key=lambda r: natural_key(r["session"])):
             first.setdefault((r["dataset"], r["subject"]), r)
         rows = list(first.values())
     groups: dict[str, list[tuple[str, str]]] = {}

@@ -104,11 +104,12 @@ def load_medicalnet(network: str, weights: str | Path, device: str | torch.devic
     return model.to(device).eval()
 
 
-def zscore(volumes: torch.Tensor) -> torch.Tensor:
-    """Per-volume (x - mean) / std with mean, std over the volume's non-zero voxels (all voxels if none)."""
+def zscore(volumes: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-volume (x - mean) / std with mean, std over `mask` (one brain mask for every volume), else
+    over each volume's non-zero voxels (all voxels if none)."""
     x = volumes.to(torch.float32)
     flat = x.reshape(len(x), -1)
-    fg = flat != 0
+    fg = flat != 0 if mask is None else mask.reshape(1, -1).to(flat.device).expand_as(flat)
     fg = torch.where(fg.any(dim=1, keepdim=True), fg, torch.ones_like(fg))
     count = fg.sum(dim=1, keepdim=True)
     mean = (flat * fg).sum(dim=1, keepdim=True) / count
@@ -118,8 +119,13 @@ def zscore(volumes: torch.Tensor) -> torch.Tensor:
 
 
 def extract_features(volumes, model: nn.Module, batch_size: int = 4,
-                     device: str | torch.device = "cpu") -> np.ndarray:
-    """(N, F) float64 features of (N, 1, D, H, W) volumes (numpy or tensor): z-score, network, avg-pool."""
+                     device: str | torch.device = "cpu", mask=None) -> np.ndarray:
+    """(N, F) float64 features of (N, 1, D, H, W) volumes (numpy or tensor): z-score, network, avg-pool.
+
+    Give the same `mask` (D, H, W) for real and synthetic volumes: synthetic backgrounds are not exactly
+    zero, so per-volume non-zero masks would normalise the two sets differently.
+    """
+    mask = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
     vol = torch.as_tensor(np.asarray(volumes) if not isinstance(volumes, torch.Tensor) else volumes)
     if vol.ndim != 5 or vol.shape[1] != 1:
         raise ValueError(f"volumes must be (N, 1, D, H, W), got {tuple(vol.shape)}")
@@ -127,7 +133,7 @@ def extract_features(volumes, model: nn.Module, batch_size: int = 4,
     out = []
     with torch.no_grad():
         for s in range(0, len(vol), batch_size):
-            batch = zscore(vol[s : s + batch_size].to(device))
+            batch = zscore(vol[s : s + batch_size].to(device), mask)
             out.append(model(batch).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
 

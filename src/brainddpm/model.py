@@ -39,7 +39,9 @@ def build_model(model_cfg: dict) -> DiffusionModelUNet:
 
 
 def _schedule_args(sched_cfg: dict) -> dict:
-    args = {"num_train_timesteps": int(sched_cfg["num_train_timesteps"]), "schedule": sched_cfg["schedule"]}
+    # the data live in [0, 1] (data stage): clip the predicted x0 there, not to MONAI's default [-1, 1]
+    args = {"num_train_timesteps": int(sched_cfg["num_train_timesteps"]), "schedule": sched_cfg["schedule"],
+            "clip_sample": True, "clip_sample_min": 0.0, "clip_sample_max": 1.0}
     if sched_cfg["schedule"] != "cosine":  # MONAI's cosine schedule takes no beta range
         args.update(beta_start=float(sched_cfg["beta_start"]), beta_end=float(sched_cfg["beta_end"]))
     return args

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .atomic import atomic_path
+
 
 def plot_loss(csv_path: Path, png_path: Path) -> None:
     """Training MSE against epoch on a log scale, like the reference study's loss figure.
@@ -43,5 +45,6 @@ def plot_loss(csv_path: Path, png_path: Path) -> None:
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)

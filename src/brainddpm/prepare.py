@@ -7,7 +7,6 @@ import logging
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .config import split_seed
@@ -15,7 +14,7 @@ from .errors import BadInputError
 from .manifest import (EXCLUDED_COLUMNS, MANIFEST_COLUMNS, SPLIT_COLUMNS, build_manifest, read_tsv, shard_rows,
                        split_subjects, write_tsv)
 from .nifti import load_mask, preprocess, sha256_file, target_affine
-from .shards import shard_summary, write_index, write_shard
+from .shards import open_shard, shard_summary, write_index, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,7 @@ def run_index(split: str, shard_paths: list[Path], out: Path) -> dict:
     summaries, excluded = [], []
     for p in sorted(shard_paths):
         summaries.append(shard_summary(p))
-        with h5py.File(p, "r") as f:
+        with open_shard(p) as f:
             excluded += json.loads(f.attrs.get("excluded", "[]"))
     index = write_index(split, summaries, out, excluded)
     log.info("%s: %d volumes in %d shards", split, index["n_volumes"], len(summaries))

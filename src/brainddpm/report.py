@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .shards import read_volumes, split_files
 
 # (column, metric for the model row, metric for the real-images row); the study's table.
@@ -54,7 +54,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_metrics_files(metrics_by_sampler: dict, memo: dict, out: Path) -> None:
     header = ["", "MMD (95% CI)", "FID (95% CI)", "MS-SSIM (95% CI)"]
-    with open(out / "metrics.csv", "w", newline="") as fh:
+    with atomic_path(out / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["sampler", "metric", "value", "ci_low", "ci_high", "n_real", "n_synthetic", "definition"])
         for sampler, doc in metrics_by_sampler.items():
@@ -62,9 +62,8 @@ def write_metrics_files(metrics_by_sampler: dict, memo: dict, out: Path) -> None
                 w.writerow([sampler, name, e["value"], e["ci_low"], e["ci_high"], e["n_real"], e["n_synthetic"],
                             e["definition"]])
     payload = {"samplers": metrics_by_sampler, "memorization": memo, "table": [header, *study_table(metrics_by_sampler)]}
-    tmp = out / ".tmp-metrics.json"
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, out / "metrics.json")
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))
 
 
 def plot_ci(metrics_by_sampler: dict, png: Path) -> None:
@@ -87,7 +86,8 @@ def plot_ci(metrics_by_sampler: dict, png: Path) -> None:
         ax.set_title(name.replace("_", " "), fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -107,7 +107,8 @@ def plot_slices(real: np.ndarray, syn_by_sampler: dict[str, np.ndarray], png: Pa
             axes[0, col].set_title(label if j == 0 else "", fontsize=8, loc="left")
             col += 1
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
@@ -128,7 +129,8 @@ def plot_memorization(memo: dict, syn: np.ndarray, train: np.ndarray, png: Path,
             a.set_axis_off()
             a.set_title(f"{name} (r={memo['closest_corr'][p]:.3f})" if j == 0 else name, fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
@@ -142,7 +144,8 @@ def write_report(metric_files: dict[str, Path], memo_path: Path, train_dir: Path
     metrics_by_sampler = {s: json.loads(Path(p).read_text()) for s, p in metric_files.items()}
     memo = json.loads(Path(memo_path).read_text())
     train_info = json.loads((Path(run_dir) / "train.json").read_text())
-    shutil.copyfile(Path(run_dir) / "loss.png", out / "loss.png")
+    with atomic_path(out / "loss.png") as tmp:
+        shutil.copyfile(Path(run_dir) / "loss.png", tmp)
     write_metrics_files(metrics_by_sampler, memo, out)
     plot_ci(metrics_by_sampler, out / "ci.png")
     real, _, _ = read_volumes(split_files(val_dir))
@@ -152,11 +155,11 @@ def write_report(metric_files: dict[str, Path], memo_path: Path, train_dir: Path
     train, _, _ = read_volumes(split_files(train_dir))
     plot_memorization(memo, select_synthetic(sample_parts[first], 10**9)[0], train, out / "memorization.png")
     table = _md_table(["", "MMD (95% CI)", "FID (95% CI)", "MS-SSIM (95% CI)"], study_table(metrics_by_sampler))
-    (out / "metrics.md").write_text(table + "\n")
+    with atomic_path(out / "metrics.md") as tmp:
+        tmp.write_text(table + "\n")
     text = _report_markdown(metrics_by_sampler, memo, train_info, table)
-    tmp = out / ".tmp-report.md"
-    tmp.write_text(text)
-    os.replace(tmp, out / "report.md")
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(text)
     return out / "report.md"
 
 

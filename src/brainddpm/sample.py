@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .checkpoint import load_final
 from .errors import BrainDDPMError
 from .model import build_ddim, build_scheduler
@@ -47,13 +48,16 @@ def denoise(model, scheduler, seeds: list[int], shape, device: torch.device, pro
     """Run the reverse process for one batch; one generator per volume, so batching does not matter.
 
     The starting noise of volume i comes from a CPU generator seeded with seeds[i] (the same on any
-    device); each DDPM step draws that volume's noise from its own generator on the model's device.
+    device); each DDPM step draws that volume's noise from its own generator on the model's device,
+    seeded from (seeds[i], 1).
     """
     from tqdm import tqdm
 
     x = torch.stack([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
     x = x.to(device)
-    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    # step noise from a stream derived from (seed, 1): never a copy of the starting noise
+    gens = [torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([int(s), 1]).generate_state(1)[0]))
+            for s in seeds]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     steps = scheduler.timesteps
     for k, t in enumerate(tqdm(steps, desc="denoising", unit="step", disable=not progress)):
@@ -121,6 +125,6 @@ def contact_sheet(vols: np.ndarray, names: list[str], png: Path) -> None:
             ax.set_axis_off()
         row[0].set_title(name, fontsize=7, loc="left")
     fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=80)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)

@@ -23,6 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .atomic import atomic_path
 from . import __version__
 from .errors import BadInputError
 
@@ -83,9 +84,21 @@ def file_sha256(path) -> str:
     return sha256_file(path)
 
 
+def open_shard(path) -> h5py.File:
+    """Open a shard for reading, or raise BadInputError naming the file."""
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, ValueError) as exc:
+        raise BadInputError(path, f"not a readable HDF5 shard ({exc})") from None
+    if "images" not in f:
+        f.close()
+        raise BadInputError(path, "HDF5 file without an 'images' dataset: not a brain-ddpm shard")
+    return f
+
+
 def read_meta(path) -> list[dict]:
     """Per-volume metadata of a shard (no image data)."""
-    with h5py.File(path, "r") as f:
+    with open_shard(path) as f:
         cols = {k: [s.decode() if isinstance(s, bytes) else s for s in f[k][()]] for k in STRING_FIELDS + ("checksum",)}
         cols.update({k: f[k][()].tolist() for k in STAT_FIELDS})
     return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
@@ -95,7 +108,7 @@ def read_volumes(paths, verify: bool = False) -> tuple[np.ndarray, list[dict], n
     """All volumes of the given shards as float32 (N, 1, D, H, W), their metadata and the affine."""
     arrays, meta, affine = [], [], None
     for p in paths:
-        with h5py.File(p, "r") as f:
+        with open_shard(p) as f:
             imgs = f["images"][()]
             affine = f["affine"][()] if affine is None else affine
         m = read_meta(p)
@@ -122,10 +135,8 @@ def write_index(split: str, summaries: list[dict], path, excluded: list[dict] = 
         "n_subjects": len({sub for s in summaries for sub in s["subjects"]}),
         "shards": summaries, "excluded": list(excluded),
     }
-    path = Path(path)
-    tmp = path.with_name(".tmp-" + path.name)
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(index, indent=1))
     return index
 
 

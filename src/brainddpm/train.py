@@ -13,11 +13,15 @@ is not used), so the backends train the same numbers and the EMA averages fp32 w
 
 Resume is exact: the data order is a DistributedSampler permutation per epoch, and a resumed run skips
 the micro-batches already done in its epoch; the noise and timesteps come from a per-rank generator
-whose state is checkpointed with everything else (checkpoint.py). On the preemption signal
+whose state is checkpointed with everything else (checkpoint.py). Exact means bit-for-bit on the CPU;
+on GPUs cuDNN's autotuned kernels (cudnn.benchmark) make it exact up to float non-determinism. On the
+preemption signal
 (SIGUSR2, sent by SLURM or submitit before the time limit) every rank stops at the next step boundary,
 the run checkpoints, and submitit's handler requeues the job (launch.py).
 
 Outputs in out_dir: model.safetensors (EMA weights), loss.csv, loss.png, train.json, checkpoints/.
+The running loss log lives in checkpoints/loss.csv (Snakemake deletes a rule's outputs before a rerun;
+the history must survive that) and is copied to loss.csv at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import random
 import sys
 import time
@@ -45,12 +50,14 @@ from monai.networks.schedulers import DDPMScheduler
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint as ckpt
+from .atomic import atomic_path
 from .bench_train import autocast, device_name, flops_per_sample, mfu, peak_flops, peak_memory
 from .config import validate_config
 from .dataset import ShardDataset
 from .errors import ConfigError
 from .launch import Dist, StopSignal, TrainingInterrupted, setup_distributed
 from .model import build_model, build_scheduler, diffusion_loss
+from .nifti import sha256_file
 from .plots import plot_loss
 
 log = logging.getLogger(__name__)
@@ -140,6 +147,9 @@ def _broadcast_int(value: int, d: Dist) -> int:
     return int(t.item())
 
 
+_RESULT_KEYS = ("lr", "betas", "weight_decay", "ema_decay", "grad_clip", "backend", "precision")
+
+
 def _prepare_csv(path: Path, keep_until_step: int) -> None:
     """loss.csv with the header and the rows up to the resumed step (later ones are redone)."""
     rows = []
@@ -147,6 +157,7 @@ def _prepare_csv(path: Path, keep_until_step: int) -> None:
         with open(path, newline="") as f:
             rows = [r for r in csv.reader(f)][1:]
         rows = [r for r in rows if r and int(r[0]) <= keep_until_step]
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([["step", "epoch", "loss", "lr", "samples_per_s"], *rows])
 
@@ -189,6 +200,7 @@ def _train(cfg: dict, shards_dir: Path, out_dir: Path, d: Dist, stop: StopSignal
     if tc["max_steps"]:
         total_steps = min(total_steps, tc["max_steps"])
     data_meta = _data_meta(dataset.files)
+    index_sha = sha256_file(split_dir(shards_dir) / "index.json")
 
     torch.manual_seed(seed)  # the same initial weights on every rank
     net = build_model(cfg["model"]).to(d.device).train()
@@ -212,10 +224,11 @@ def _train(cfg: dict, shards_dir: Path, out_dir: Path, d: Dist, stop: StopSignal
         found = ckpt.read_meta(latest)["step"]
     found = _broadcast_int(found, d)
     if found >= 0:
-        step, wall_before, last_loss = _resume(ckpt_root / f"step-{found:08d}", cfg, d, net, ema, optimizer, gen)
+        step, wall_before, last_loss = _resume(ckpt_root / f"step-{found:08d}", cfg, d, net, ema, optimizer, gen,
+                                               index_sha)
         resumed_from = step
     if d.rank == 0:
-        _prepare_csv(out_dir / "loss.csv", step)
+        _prepare_csv(ckpt_root / "loss.csv", step)
         log.info("training %s on %d process(es), %s, %s: %d steps of %d volumes (%d steps per epoch), from step %d",
                  tc["backend"], d.world, device_name(d.device), "bf16" if bf16 else "fp32", total_steps,
                  mb * ga * d.world, steps_per_epoch, step)
@@ -230,7 +243,8 @@ def _train(cfg: dict, shards_dir: Path, out_dir: Path, d: Dist, stop: StopSignal
             files["model.pt"] = {"model": net.state_dict(), "ema": ema}
         meta = {"epoch": step / steps_per_epoch, "samples_seen": step * mb * ga * d.world, "lr": tc["lr"],
                 "world_size": d.world, "backend": tc["backend"], "zero_stage": tc["zero_stage"],
-                "wall_time_s": wall_before + time.time() - t_start, "final_loss": last_loss, "config": cfg}
+                "wall_time_s": wall_before + time.time() - t_start, "final_loss": last_loss, "config": cfg,
+                "train_index_sha256": index_sha}
         ckpt.save(ckpt_root, step, files, meta, rank=d.rank, keep_last=tc["keep_last"], barrier=d.barrier)
 
     stop.install()
@@ -271,7 +285,7 @@ def _train(cfg: dict, shards_dir: Path, out_dir: Path, d: Dist, stop: StopSignal
             recent.append(loss)
             epoch_samples, epoch_s = epoch_samples + mb * ga, epoch_s + dt
             if d.rank == 0:
-                with open(out_dir / "loss.csv", "a", newline="") as f:
+                with open(ckpt_root / "loss.csv", "a", newline="") as f:
                     csv.writer(f).writerow([step, epoch, f"{loss:.6g}", tc["lr"], f"{mb * ga / dt:.4g}"])
                 if bar is not None:
                     bar.update(1)
@@ -302,13 +316,21 @@ def _train(cfg: dict, shards_dir: Path, out_dir: Path, d: Dist, stop: StopSignal
 
 
 def _resume(path: Path, cfg: dict, d: Dist, net: torch.nn.Module, ema: dict[str, torch.Tensor], optimizer: Any,
-            gen: torch.Generator) -> tuple[int, float, float | None]:
-    """Load a checkpoint into the model, EMA, optimizer and this rank's RNGs; (step, wall time, loss)."""
+            gen: torch.Generator, index_sha: str) -> tuple[int, float, float | None]:
+    """Load a checkpoint into the model, EMA, optimizer and this rank's RNGs; (step, wall time, loss).
+
+    Only the budget (epochs, max_steps) and bookkeeping may change between a checkpoint and its resume:
+    another model, schedule, seed, optimiser setting or training set would silently mix two runs.
+    """
     meta = ckpt.read_meta(path)
-    for section in ("model", "scheduler"):
-        if meta["config"][section] != cfg[section]:
-            raise ckpt.CheckpointError(f"{path} was trained with a different '{section}' config; use another "
-                                       "run name (or delete its checkpoints) to start afresh")
+    old = meta["config"]
+    changed = [s for s in ("model", "scheduler", "seed") if old[s] != cfg[s]]
+    changed += [f"train.{k}" for k in _RESULT_KEYS if old["train"][k] != cfg["train"][k]]
+    if meta.get("train_index_sha256", index_sha) != index_sha:
+        changed.append("the training shards (index.json)")
+    if changed:
+        raise ckpt.CheckpointError(f"{path} was trained with a different {', '.join(changed)}; use another run "
+                                   f"name, or delete {path.parent} to start afresh")
     if ckpt.is_partitioned(optimizer) and meta["world_size"] != d.world:
         raise ckpt.CheckpointError(f"{path} holds ZeRO-{meta['zero_stage']} optimizer state partitioned over "
                                    f"{meta['world_size']} processes; this run has {d.world}: resume with "
@@ -367,10 +389,11 @@ def _finish(cfg: dict, out_dir: Path, d: Dist, net: torch.nn.Module, ema: dict[s
     if d.rank == 0:
         final_cfg = {"model": cfg["model"], "scheduler": cfg["scheduler"], "data": data_meta}
         ckpt.save_final(out_dir / "model.safetensors", ema, final_cfg, step)
+        with atomic_path(out_dir / "loss.csv") as tmp:
+            shutil.copyfile(out_dir / "checkpoints" / "loss.csv", tmp)
         plot_loss(out_dir / "loss.csv", out_dir / "loss.png")
-        tmp = out_dir / ".tmp-train.json"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, out_dir / "train.json")
+        with atomic_path(out_dir / "train.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
         log.info("done: %d steps, final loss %s, outputs in %s", step, final_loss, out_dir)
     d.barrier()
     return summary

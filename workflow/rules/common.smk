@@ -60,10 +60,6 @@ def bootstrap_chunks(sampler):
     return [f"{EVAL}/{sampler}/boot/chunk-{k:03d}.npz" for k in range(config["evaluate"]["jobs"])]
 
 
-def train_targets():
-    return [MODEL, f"{TRAIN_DIR}/train.json"]
-
-
 def sample_targets():
     return [p for s in SAMPLERS for p in sample_parts(s)]
 

@@ -1,0 +1,42 @@
+"""The command line: help texts, and one clear line (no traceback) for bad inputs."""
+
+import subprocess
+import sys
+
+import pytest
+
+from brainddpm.cli import build_parser, main
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"demo-cohort", "manifest", "split", "shard", "index", "train", "sample", "features", "bootstrap",
+            "gather", "memorization", "fetch-fid-weights", "report", "bench"} <= set(sub.choices)
+    for name, p in sub.choices.items():
+        assert p.format_help(), name
+
+
+def test_unknown_flag_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["index", "--split", "train", "--out", "x.json", "--shardz", "a.h5"])
+    assert "unrecognized arguments: --shardz" in capsys.readouterr().err
+
+
+def test_unreadable_input_gives_one_line_not_a_traceback(tmp_path):
+    bad = tmp_path / "shard-0000.h5"
+    bad.write_bytes(b"not hdf5")
+    proc = subprocess.run([sys.executable, "-m", "brainddpm.cli", "index", "--split", "train", "--shards", str(bad),
+                           "--out", str(tmp_path / "index.json")], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "brainddpm index: error:" in proc.stderr and str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "index.json").exists()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train: {lr: -1}\n")
+    proc = subprocess.run([sys.executable, "-m", "brainddpm.cli", "split", "--config", "config/config.yaml", str(cfg),
+                           "--manifest", "m.tsv", "--out", str(tmp_path / "s.tsv")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "config key 'train.lr'" in proc.stderr
