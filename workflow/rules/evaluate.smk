@@ -31,7 +31,7 @@ rule features:
         cfg=stage_config("seed", "evaluate"),
         real=lambda wc, input: os.path.dirname(input.real),
     resources:
-        gpu=1,
+        gpu_jobs=1,  # not `gpu`: the SLURM plugin would turn that into --gpus (profiles set gres)
     log:
         f"{R}/logs/evaluate/{RUN}-{{sampler}}-features.log",
     conda:

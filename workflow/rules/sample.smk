@@ -12,7 +12,7 @@ rule sample_part:
         cfg=stage_config("sample"),
         part=lambda wc: int(wc.part),
     resources:
-        gpu=1,
+        gpu_jobs=1,  # not `gpu`: the SLURM plugin would turn that into --gpus (profiles set gres)
     log:
         f"{R}/logs/sample/{RUN}-{{sampler}}-{{part}}.log",
     conda:
