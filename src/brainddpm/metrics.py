@@ -16,6 +16,8 @@ import scipy.linalg
 import torch
 from monai.metrics import MultiScaleSSIMMetric
 
+from .config import msssim_min_size  # noqa: F401  (plain arithmetic, kept importable without torch)
+
 #: MONAI's default MS-SSIM weights (Wang et al. 2003), finest scale first.
 MONAI_MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -156,15 +158,6 @@ def msssim_weights(scales: int) -> tuple[float, ...]:
         raise ValueError(f"scales must be 1..{len(MONAI_MSSSIM_WEIGHTS)}, got {scales}")
     w = np.asarray(MONAI_MSSSIM_WEIGHTS[:scales], dtype=np.float64)
     return tuple(float(v) for v in w / w.sum())
-
-
-def msssim_min_size(kernel_size: int, scales: int) -> int:
-    """Smallest edge length MONAI's MS-SSIM accepts for this kernel and number of scales.
-
-    Both MONAI's size check (edge // (scales-1)² >= kernel) and the valid convolution at the
-    coarsest scale (edge // 2^(scales-1) >= kernel) must hold.
-    """
-    return kernel_size * max(1, (scales - 1) ** 2, 2 ** (scales - 1))
 
 
 def pairwise_msssim(volumes: np.ndarray, kernel_size: int = 5, scales: int = 5, data_range: float = 1.0,

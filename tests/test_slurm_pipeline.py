@@ -1,0 +1,348 @@
+"""The whole workflow on the local SLURM test cluster, through profiles/ci-slurm (SLURM executor plugin).
+
+One module-scoped fixture drives three Snakemake runs of the demo preset (shrunk further) against the
+session cluster of tests/conftest.py (`slurm_cluster`, stopped at the end of the session):
+
+1. The full DAG.  Every rule but the localrules is a SLURM job of the plugin; `train` is a localrule under
+   launch.executor: slurm and submits the 2-task (DDP, gloo) training job `brainddpm-train-<run>` through
+   submitit.  Once that job is RUNNING and has written a checkpoint, the test sends it the time-limit
+   signal (`scancel --signal=USR2`, what submitit's `--signal=USR2@<launch.signal_delay_s>` asks SLURM to
+   send): it must checkpoint, requeue and finish resumed.  A fault injected into one sampling job (a
+   `brainddpm` wrapper first on PATH fails `brainddpm sample --sampler ddim --part 1` while a flag file
+   exists) makes this run fail on the cluster: Snakemake must name that job's SLURM log.
+2. The same command after removing the fault: it resumes at the failed job (that sampling part and what
+   depends on it) and redoes nothing that finished, training included.
+3. The same command again: nothing to be done, no new SLURM job.
+
+About 5 minutes on 2 idle cores, most of it the plugin's status polling: after each query that finds no
+job finished it waits 10 s longer (queries at 2, 14, 36, 68 s with profiles/ci-slurm), so a sequential
+step costs 14 s while a SLURM job (two Snakemake starts plus the command) takes under ~13 s, and 36 s
+when it takes longer.  On failure the assertion messages carry the Snakemake output tail, the job records
+and the tails of the logs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import ROOT
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+RUN = "demo"
+SAMPLER = "ddim"
+MAX_STEPS = 20
+CHECKPOINT_EVERY = 4
+FAIL_PART = 1  # the sampling part whose job the injected fault breaks in run 1
+# Rules that run as SLURM jobs of the plugin.  Not here, by design: `train` (a localrule when
+# launch.executor is slurm, workflow/rules/train.smk: it submits and watches the training job, whose
+# own record is checked separately), `fetch_fid_weights` (a localrule that downloads; not needed with
+# evaluate.fid.weights: null), and the input-only target rules (`all`), which Snakemake runs itself.
+SLURM_RULES = {"demo_cohort", "manifest", "split", "shard", "shard_index", "sample_part", "features",
+               "bootstrap", "gather_metrics", "memorization", "report"}
+# what run 2 redoes after the failed sampling part: that part and everything downstream of it
+RESUMED_RULES = {"sample_part", "features", "bootstrap", "gather_metrics", "memorization", "report"}
+
+
+def overrides(tmp: Path) -> dict:
+    """The demo preset, smaller still, with training as a 2-task submitit SLURM job."""
+    demo = tmp / "demo"
+    return {
+        "results": str(tmp / "results"),
+        "run": RUN,
+        "demo": {"enabled": True, "n": 8, "seed": 0, "out": str(demo)},
+        "datasets": [{"name": s, "root": str(demo / s), "participants": str(demo / "participants.tsv")}
+                     for s in ("siteA", "siteB", "siteC")],
+        "data": {"volumes_per_shard": 4, "val_fraction": 0.5},  # >= 4 validation volumes for the metrics
+        "scheduler": {"num_train_timesteps": 50},
+        # ddp (not deepspeed): no DeepSpeed import or op build in the two tasks, same gloo rendezvous
+        "train": {"backend": "ddp", "epochs": 100, "max_steps": MAX_STEPS, "micro_batch": 1,
+                  "checkpoint_every": CHECKPOINT_EVERY, "keep_last": 2, "log_every": 5, "num_workers": 0},
+        "launch": {"executor": "slurm", "nodes": 1, "gpus_per_node": 0, "tasks_per_node": 2, "cpus_per_task": 1,
+                   "mem_gb": 1, "partition": "debug", "time_min": 20, "signal_delay_s": 30, "max_requeues": 2},
+        "sample": {"n": 4, "batch": 2, "jobs": 2, "samplers": [SAMPLER], "ddim_steps": 10},
+        "evaluate": {"n": 4, "bootstrap": 50, "jobs": 2, "fid": {"weights": None}},
+    }
+
+
+FAULT_WRAPPER = """#!/bin/sh
+# Written by tests/test_slurm_pipeline.py: fault injection.  While {flag} exists,
+# `brainddpm sample --sampler {sampler} ... --part {part}` fails; everything else is the real brainddpm.
+if [ "$1" = sample ] && [ -e "{flag}" ]; then
+  case " $* " in
+    *" --sampler {sampler} "*"--part {part} "*)
+      echo "injected failure (tests/test_slurm_pipeline.py) in job $SLURM_JOB_ID" >&2; exit 3 ;;
+  esac
+fi
+exec "{real}" "$@"
+"""
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError as e:
+        return f"({e})"
+
+
+def _records_table(records) -> str:
+    rows = [f"{'job':>6} {'state':<10} {'exit':<6} {'rq':>2}  name / comment"]
+    for r in records:
+        rows.append(f"{r['job_id']:>6} {r.get('state')!s:<10} {r.get('exit_code')!s:<6} "
+                    f"{r.get('requeues', 0):>2}  {r.get('name')} / {r.get('comment')}")
+    return "\n".join(rows)
+
+
+class Pipeline:
+    """What the runs left behind, for the tests and for diagnostics."""
+
+    def __init__(self, cluster, tmp: Path):
+        self.cluster, self.tmp = cluster, tmp
+        self.res = tmp / "results"
+        self.train_dir = self.res / "train" / RUN
+        self.slurm_logdir = tmp / "slurm_logs"
+        self.over = tmp / "overrides.yaml"
+        self.over.write_text(yaml.safe_dump(overrides(tmp)))
+        self.flag = tmp / "fail-sample-part"
+        self.bin = tmp / "bin"
+        self.bin.mkdir()
+        wrapper = self.bin / "brainddpm"
+        wrapper.write_text(FAULT_WRAPPER.format(flag=self.flag, sampler=SAMPLER, part=FAIL_PART,
+                                                real=Path(sys.executable).parent / "brainddpm"))
+        wrapper.chmod(0o755)
+        # jobs inherit this environment (sbatch --export=ALL): the wrapper comes first on their PATH too
+        self.env = {**cluster.env, "PATH": f"{self.bin}{os.pathsep}{cluster.env['PATH']}"}
+        self.runs: list[dict] = []  # per run: rc, output, log, new job ids
+        self.kill: dict = {}
+
+    def cmd(self) -> list[str]:
+        return [sys.executable, "-m", "snakemake", "--profile", "profiles/ci-slurm",
+                "--slurm-logdir", str(self.slurm_logdir),
+                "--configfile", "config/config.yaml", "config/demo.yaml", str(self.over)]
+
+    def records(self, ids=None) -> list[dict]:
+        recs = self.cluster.job_records()
+        return recs if ids is None else [r for r in recs if r["job_id"] in ids]
+
+    def diagnostics(self, run: int | None = None) -> str:
+        out = []
+        for i, r in enumerate(self.runs, 1):
+            if run is None or i == run:
+                out.append(f"===== snakemake run {i} (rc={r['rc']}), output tail =====\n{r['output'][-4000:]}")
+        out.append("===== job records =====\n" + _records_table(self.records()))
+        for log in sorted(self.slurm_logdir.rglob("*.log")) if self.slurm_logdir.exists() else []:
+            rec = next((x for x in self.records() if x["job_id"] == log.stem), None)
+            if rec is None or rec.get("state") != "COMPLETED":
+                out.append(f"===== {log} =====\n{_tail(log)}")
+        for log in [self.res / "logs" / "train" / f"{RUN}.log", *sorted((self.train_dir / "slurm").glob("*.err"))]:
+            if log.exists():
+                out.append(f"===== {log} =====\n{_tail(log, 25)}")
+        out.append("===== cluster daemons =====\n" + self.cluster.logs_tail(10))
+        return "\n".join(out)
+
+    def run(self, timeout: float, on_poll=None) -> dict:
+        """One Snakemake run in the background (so that on_poll can watch the cluster); waits for it."""
+        before = {r["job_id"] for r in self.records()}
+        log = self.tmp / f"snakemake-{len(self.runs) + 1}.log"
+        with open(log, "w") as f:
+            p = subprocess.Popen(self.cmd(), cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT)
+            deadline = time.time() + timeout
+            try:
+                while p.poll() is None and time.time() < deadline:
+                    if on_poll is not None:
+                        on_poll()
+                    time.sleep(0.5)
+            finally:
+                if p.poll() is None:  # too slow: stop Snakemake (it cancels its SLURM jobs)
+                    p.terminate()
+                    try:
+                        p.wait(60)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
+        result = {"rc": p.returncode, "output": log.read_text(errors="replace"), "log": log,
+                  "elapsed_s": round(time.time() - deadline + timeout),
+                  "timed_out": time.time() >= deadline,
+                  "new": {r["job_id"] for r in self.records()} - before}
+        self.runs.append(result)
+        if result["timed_out"]:
+            raise AssertionError(f"snakemake run {len(self.runs)} took more than {timeout:.0f}s\n"
+                                 + self.diagnostics(len(self.runs)))
+        return result
+
+    # ------------------------------------------------------------------ the kill
+    def training_job(self, ids=None):
+        jobs = [r for r in self.records(ids) if r.get("name") == f"brainddpm-train-{RUN}"]
+        return jobs[-1] if jobs else None
+
+    def maybe_kill(self) -> None:
+        """Once the training job runs and has a valid checkpoint: the time-limit signal, once."""
+        from brainddpm.checkpoint import find_latest
+
+        if self.kill:
+            return
+        job = self.training_job()
+        if job is None or job.get("state") != "RUNNING":
+            return
+        latest = find_latest(self.train_dir / "checkpoints")
+        if latest is None:
+            return
+        r = self.cluster.run("scancel", "--signal=USR2", job["job_id"], check=False)
+        self.kill = {"job_id": job["job_id"], "checkpoint_step": int(latest.name.split("-")[1]),
+                     "live_loss_steps": _loss_steps(self.train_dir / "checkpoints" / "loss.csv"),  # the live log
+                     "rc": r.returncode, "stderr": r.stderr}
+
+
+def _loss_steps(path: Path) -> list[int]:
+    """The step column of loss.csv ([] while it is missing or caught mid-write)."""
+    try:
+        with open(path, newline="") as f:
+            return [int(row[0]) for row in list(csv.reader(f))[1:] if row]
+    except (OSError, ValueError, IndexError, csv.Error):
+        return []
+
+
+def _rule(record) -> str | None:
+    c = record.get("comment") or ""
+    return c[len("rule_"):].split("_wildcards_")[0] if c.startswith("rule_") else None
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+@pytest.fixture(scope="module")
+def pipeline(slurm_cluster, tmp_path_factory):
+    p = Pipeline(slurm_cluster, tmp_path_factory.mktemp("slurm-pipeline"))
+    # run 1: the whole DAG, training signalled mid-run, one sampling job broken
+    p.flag.touch()
+    r1 = p.run(timeout=480, on_poll=p.maybe_kill)
+    p.after_run1 = {name: (p.train_dir / name).stat().st_mtime_ns
+                    for name in ("train.json", "model.safetensors", "loss.csv") if (p.train_dir / name).exists()}
+    p.failed_rule_log = p.res / "logs" / "sample" / f"{RUN}-{SAMPLER}-{FAIL_PART:03d}.log"
+    p.failed_rule_log_text = p.failed_rule_log.read_text(errors="replace") if p.failed_rule_log.exists() else ""
+    if r1["rc"] == 0 or not p.after_run1:
+        raise AssertionError(f"run 1 should have trained, then failed at the injected fault (rc={r1['rc']})\n"
+                             + p.diagnostics(1))
+    # run 2: fault removed; resumes at the failed job
+    p.flag.unlink()
+    p.run(timeout=360)
+    # run 3: nothing left
+    p.run(timeout=120)
+    return p
+
+
+def test_pipeline_finishes_with_a_report(pipeline):
+    r2 = pipeline.runs[1]
+    assert r2["rc"] == 0, "the resumed run failed\n" + pipeline.diagnostics(2)
+    report = pipeline.res / "report"
+    for name in ("report.md", "metrics.md", "metrics.json", "slices.png", "memorization.png"):
+        assert (report / name).stat().st_size > 100, name
+    assert "FID was not computed" in (report / "report.md").read_text()
+    parts = sorted((pipeline.res / "samples" / RUN / SAMPLER).glob("nifti-*/*.nii.gz"))
+    assert len(parts) == 4, parts
+
+
+def test_every_stage_ran_as_a_slurm_job(pipeline):
+    ids = set().union(*(r["new"] for r in pipeline.runs))
+    recs = pipeline.records(ids)
+    by_rule: dict[str, list[dict]] = {}
+    for r in recs:
+        if _rule(r):
+            by_rule.setdefault(_rule(r), []).append(r)
+    diag = "\n" + _records_table(recs)
+    assert set(by_rule) == SLURM_RULES, diag
+    for rule, jobs in by_rule.items():
+        assert any(j["state"] == "COMPLETED" and j["exit_code"] == "0:0" for j in jobs), rule + diag
+        assert all(j["partition"] == "debug" and j["work_dir"] == str(ROOT) for j in jobs), rule + diag
+    # one job per wildcard value: shards of both splits, sampling parts, bootstrap chunks
+    index = {s: json.loads((pipeline.res / "shards" / s / "index.json").read_text()) for s in ("train", "val")}
+    n_shards = sum(len(i["shards"]) for i in index.values())
+    completed = {rule: [j for j in jobs if j["state"] == "COMPLETED"] for rule, jobs in by_rule.items()}
+    assert len(completed["shard"]) == n_shards, diag
+    assert len(completed["shard_index"]) == 2, diag  # train, val
+    assert len(completed["sample_part"]) == 2 and len(completed["bootstrap"]) == 2, diag
+    assert all(len(completed[r]) == 1 for r in SLURM_RULES - {"shard", "shard_index", "sample_part", "bootstrap"}), diag
+    # `train` is a localrule: no plugin job; training itself is the one submitit job
+    train_jobs = [r for r in recs if r["name"] == f"brainddpm-train-{RUN}"]
+    assert len(train_jobs) == 1 and train_jobs[0]["state"] == "COMPLETED", diag
+    # every job of the plugin left its log where the profile keeps it
+    for r in recs:
+        if _rule(r):
+            assert list(pipeline.slurm_logdir.glob(f"rule_{_rule(r)}/**/{r['job_id']}.log")), r
+
+
+def test_killed_training_checkpoints_requeues_and_resumes(pipeline):
+    kill, diag = pipeline.kill, "\n" + pipeline.diagnostics(1)
+    assert kill, "the training job was never seen RUNNING with a checkpoint" + diag
+    assert kill["rc"] == 0, kill
+    info = json.loads((pipeline.train_dir / "train.json").read_text())
+    assert info["steps"] == MAX_STEPS and info["world_size"] == 2 and info["backend"] == "ddp", info
+    assert info["requeues"] >= 1, f"{info}\n{kill}{diag}"
+    # resumed mid-run from the checkpoint written on the signal: at or after the newest periodic checkpoint
+    # that existed when the signal was sent
+    assert 0 < kill["checkpoint_step"] <= info["resumed_from_step"] < MAX_STEPS, f"{info}\n{kill}"
+    assert len(set(info["weights_sha256"])) == 1, info  # the two ranks ended with the same weights
+    assert _loss_steps(pipeline.train_dir / "loss.csv") == list(range(1, MAX_STEPS + 1))
+    job = pipeline.training_job({kill["job_id"]})
+    assert job["state"] == "COMPLETED" and job["requeues"] >= 1, job
+    assert len(job["runs"]) >= 2 and job["runs"][-1]["state"] == "COMPLETED", job  # jobcomp: one line per run
+    logs = "".join(p.read_text(errors="replace") for p in (pipeline.train_dir / "slurm").glob(f"{kill['job_id']}_*"))
+    assert "preemption signal; checkpoint saved" in logs and "requeuing training" in logs, logs[-3000:]
+
+
+def test_failed_job_names_its_slurm_log(pipeline):
+    r1 = pipeline.runs[0]
+    failed = [r for r in pipeline.records(r1["new"]) if r["state"] == "FAILED"]
+    assert len(failed) == 1 and _rule(failed[0]) == "sample_part", _records_table(pipeline.records(r1["new"]))
+    assert failed[0]["comment"] == f"rule_sample_part_wildcards_{SAMPLER}_{FAIL_PART:03d}", failed[0]
+    job_id = failed[0]["job_id"]
+    logs = list(pipeline.slurm_logdir.glob(f"rule_sample_part/**/{job_id}.log"))
+    assert len(logs) == 1, sorted(pipeline.slurm_logdir.rglob("*.log"))
+    out = r1["output"]
+    # Snakemake's error report for the job: the SLURM job id and state, the rule's log and the SLURM log
+    assert "Error in rule sample_part:" in out, out[-4000:]
+    error = out[out.index("Error in rule sample_part:"):]
+    error = error[:error.index("external_jobid:") + 40] if "external_jobid:" in error else error[:3000]
+    assert f"SLURM-job '{job_id}' failed, SLURM status is: 'FAILED'" in error, error
+    log_line = next((line for line in error.splitlines() if line.strip().startswith("log:")), "")
+    assert str(pipeline.failed_rule_log) in log_line and str(logs[0]) in log_line, error
+    assert f"external_jobid: {job_id}" in error, error
+    # the rule's log (as run 1 left it; run 2 rewrote it) has the failing command's stderr,
+    # the SLURM log the job step's (Snakemake inside the job) report
+    assert f"injected failure (tests/test_slurm_pipeline.py) in job {job_id}" in pipeline.failed_rule_log_text
+    assert "Error in rule sample_part:" in logs[0].read_text(errors="replace")
+    # the part that did not fail was finished before Snakemake stopped
+    assert (pipeline.res / "samples" / RUN / SAMPLER / f"part-{1 - FAIL_PART:03d}.h5").exists()
+
+
+def test_rerun_resumes_without_redoing_finished_stages(pipeline):
+    r2 = pipeline.runs[1]
+    recs = pipeline.records(r2["new"])
+    diag = "\n" + _records_table(recs) + "\n" + r2["output"][-3000:]
+    assert r2["rc"] == 0, diag
+    assert {_rule(r) for r in recs} == RESUMED_RULES, diag  # no cohort, manifest, split, shard, training job
+    sample_jobs = [r for r in recs if _rule(r) == "sample_part"]
+    assert len(sample_jobs) == 1 and f"_{FAIL_PART:03d}" in sample_jobs[0]["comment"], diag
+    assert pipeline.training_job(r2["new"]) is None, diag
+    now = {name: (pipeline.train_dir / name).stat().st_mtime_ns for name in pipeline.after_run1}
+    assert now == pipeline.after_run1  # training's outputs untouched
+
+
+def test_rerun_of_a_finished_pipeline_does_nothing(pipeline):
+    r3 = pipeline.runs[2]
+    assert r3["rc"] == 0 and "Nothing to be done" in r3["output"], r3["output"][-3000:]
+    assert not r3["new"], _records_table(pipeline.records(r3["new"]))
+    # no job of ours is left queued or running on the cluster
+    left = pipeline.cluster.run("squeue", "-h", "-o", "%i %j %T %k").stdout.strip()
+    assert not left, left
