@@ -20,6 +20,7 @@ import logging
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import BadInputError
 from .nifti import header_info, load_checked, sha256_file
 
@@ -34,15 +35,11 @@ _SES = re.compile(r"ses-([A-Za-z0-9]+)")
 
 def write_tsv(rows: list[dict], columns: list[str], path) -> None:
     """Write a TSV atomically: a temporary file renamed into place when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp-" + path.name)
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns, delimiter="\t", lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("n/a" if r.get(k) in (None, "") else r[k]) for k in columns})
-    tmp.replace(path)
 
 
 def read_tsv(path) -> list[dict]:

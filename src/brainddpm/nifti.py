@@ -24,6 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import BadInputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -149,12 +150,9 @@ def load_mask(path, data_cfg: dict) -> np.ndarray:
 
 def save_volume(vol: np.ndarray, affine: np.ndarray, path) -> None:
     """Write a float32 NIfTI atomically (temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.asarray(vol, dtype=np.float32), affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=4)  # MNI152 space
     img.set_sform(affine, code=4)
-    tmp = path.with_name(".tmp-" + path.name)
-    nib.save(img, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
