@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from brainddpm import __version__
 from brainddpm import checkpoint as ckpt
+from brainddpm.fileio import sha256_file
 from brainddpm.model import build_model
 
 TINY = {"channels": [8, 8, 8], "attention_levels": [False, False, True], "num_res_blocks": 1,
@@ -69,7 +70,7 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
     torch.save({"model": {"w": torch.zeros(3)}, "extra": NotATensor()}, evil)
     # even with a manifest that matches the altered file, loading refuses it
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"]["model.pt"] = {"bytes": evil.stat().st_size, "sha256": ckpt._sha256(evil)}
+    manifest["files"]["model.pt"] = {"bytes": evil.stat().st_size, "sha256": sha256_file(evil)}
     (path / "manifest.json").write_text(json.dumps(manifest))
     assert ckpt.find_latest(tmp_path) == path
     with pytest.raises(ckpt.CheckpointError, match=r"refusing to load.*pickled Python object \(.*NotATensor\)"):

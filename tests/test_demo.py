@@ -3,7 +3,7 @@ import numpy as np
 
 from brainddpm.demo import GRID_SHAPE, plan_cohort, write_cohort
 from brainddpm.manifest import read_tsv
-from brainddpm.nifti import sha256_file
+from brainddpm.fileio import sha256_file
 
 
 def test_plan_has_several_datasets_and_longitudinal_subjects():

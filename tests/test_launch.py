@@ -16,7 +16,8 @@ from test_train import losses, make_shards, tiny_config
 
 from brainddpm.config import deep_merge
 from brainddpm.errors import BadInputError, BrainDDPMError, ConfigError
-from brainddpm.launch import TrainingInterrupted, run_training, slurm_parameters, submit_training, wait_training
+from brainddpm.launch import run_training, slurm_parameters, submit_training, visible_gpus, wait_training
+from brainddpm.runtime import TrainingInterrupted
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,21 @@ def test_slurm_parameters_reach_sbatch(tmp_path):
                  "--signal=USR2@120", "--exclusive", "--job-name=brainddpm-train-leo"]:
         assert f"#SBATCH {line}" in script, line
     assert "module load python/3.11" in script and "source venv/bin/activate" in script
+    # requeue allowed even where JobRequeue=0; the job step gets the CPUs (not inherited on SLURM 22.05-23.02)
+    # and a rank that dies ends the step instead of leaving the others in a collective
+    assert "#SBATCH --requeue" in script
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "--cpus-per-task=8" in srun and "--kill-on-bad-exit=1" in srun
+
+
+def test_local_executor_keeps_the_users_gpu_mask(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpus() == ()  # no mask: submitit numbers the GPUs from 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_gpus() == (2, 3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f3c1d2e")
+    with pytest.raises(ConfigError, match="not a list of GPU indices"):
+        visible_gpus()
 
 
 def _signal_after_steps(out_dir: Path, steps: int, pids) -> threading.Thread:
@@ -110,9 +126,10 @@ def _task_pids(controller_pid: int) -> list[int]:
 
 
 @pytest.mark.slow  # about 30 s on 2 cores: two process starts (torch, MONAI, DeepSpeed) per attempt
-def test_two_processes_preempted_requeued_and_identical(shards, tmp_path):
-    """DeepSpeed ZeRO-1 on 2 gloo processes; SIGUSR2 mid-run (what SLURM sends before the time limit)."""
-    cfg = _cfg(train={"backend": "deepspeed", "zero_stage": 1, "micro_batch": 1, "max_steps": 24,
+@pytest.mark.parametrize("backend,zero_stage", [("deepspeed", 1), ("accelerate", 0)])
+def test_two_processes_preempted_requeued_and_identical(shards, tmp_path, backend, zero_stage):
+    """2 gloo processes (DeepSpeed ZeRO-1, Accelerate); SIGUSR2 mid-run (what SLURM sends before the time limit)."""
+    cfg = _cfg(train={"backend": backend, "zero_stage": zero_stage, "micro_batch": 1, "max_steps": 24,
                       "checkpoint_every": 100},
                launch={"executor": "local", "tasks_per_node": 2, "time_min": 10, "max_requeues": 1})
     job = submit_training(cfg, shards, tmp_path)

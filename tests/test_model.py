@@ -7,6 +7,8 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from helpers import base_config
+
 from brainddpm.bench_train import bench_train
 from brainddpm.config import validate_config
 from brainddpm.errors import ConfigError
@@ -14,7 +16,8 @@ from brainddpm.model import build_ddim, build_model, build_scheduler, diffusion_
 
 TINY = {"channels": [8, 8, 8], "attention_levels": [False, False, True], "num_res_blocks": 1,
         "num_head_channels": 8, "norm_num_groups": 8, "use_flash_attention": False}
-SCHED = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0005, "beta_end": 0.0195}
+SCHED = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0005, "beta_end": 0.0195,
+         "prediction_type": "epsilon"}
 
 
 @pytest.mark.parametrize("flash", [False, True])
@@ -56,8 +59,27 @@ def test_loss_is_reproducible_with_a_generator():
     assert a.ndim == 0 and a.item() == b.item() and a.item() > 0
 
 
-def test_bench_train_reports_throughput_on_cpu():
-    r = bench_train(TINY, SCHED, (16, 16, 16), batch=2, steps=2, warmup=1)
-    assert r["device"] == "cpu" and r["precision"] == "fp32" and r["mfu"] is None
+@pytest.mark.parametrize("backend", ["deepspeed", "accelerate", "ddp"])
+def test_bench_train_goes_through_the_training_engine(backend):
+    cfg = base_config(model=TINY, train={"backend": backend}, launch={"gpus_per_node": 0})
+    r = bench_train(cfg, (16, 16, 16), batch=2, steps=2, warmup=1)
+    assert r["device"] == "cpu" and r["precision"] == "fp32" and r["mfu"] is None and r["backend"] == backend
     assert r["samples_per_s"] == pytest.approx(2 * r["steps_per_s"]) and r["samples_per_s"] > 0
     assert r["flops_per_sample"] > 0 and r["peak_memory_bytes"] > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_loss_target_follows_the_prediction_type(prediction_type):
+    """A model that outputs the exact target has zero loss: the target is what the scheduler expects."""
+    scheduler = build_scheduler({**SCHED, "prediction_type": prediction_type})
+    x = torch.rand(2, 1, 8, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    target = {"epsilon": noise, "v_prediction": scheduler.get_velocity(x, noise, t), "sample": x}[prediction_type]
+
+    def oracle(x_t, timesteps):
+        return target
+
+    assert diffusion_loss(oracle, scheduler, x, torch.Generator().manual_seed(0)).item() == pytest.approx(0, abs=1e-10)
+    assert build_ddim({**SCHED, "prediction_type": prediction_type}, 10).prediction_type == prediction_type

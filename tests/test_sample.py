@@ -33,8 +33,8 @@ def test_part_batches_cover_every_volume_once():
         part_batches(4, 4, 2, 0)
 
 
-def _run(cfg, ckpt, tmp, jobs, sampler="ddpm"):
-    sc = {**cfg["sample"], "n": 6, "batch": 2, "jobs": jobs, "device": "cpu", "ddim_steps": 5}
+def _run(cfg, ckpt, tmp, jobs, sampler="ddpm", device="cpu"):
+    sc = {**cfg["sample"], "n": 6, "batch": 2, "jobs": jobs, "device": device, "ddim_steps": 5}
     vols, names = [], []
     for part in range(jobs):
         out = tmp / f"j{jobs}" / f"part-{part:03d}.h5"

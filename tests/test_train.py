@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ from brainddpm.checkpoint import CheckpointError, load_final
 from brainddpm.config import deep_merge
 from brainddpm.nifti import grid_affine
 from brainddpm.shards import write_index, write_shard
-from brainddpm.train import train
+from brainddpm.model import build_model, build_scheduler
+from brainddpm.runtime import setup_runtime
+from brainddpm.train import Engine, RunPlan, ema_decay_at, train
 
 SHAPE = (16, 16, 16)
 
@@ -93,7 +96,7 @@ def test_a_few_steps_reduce_the_loss(shards, tmp_path):
     assert more["resumed_from_step"] == 12 and [s for s, _ in losses(tmp_path)] == list(range(1, 15))
 
 
-@pytest.mark.parametrize("backend,zero_stage", [("ddp", 0), ("deepspeed", 1)])
+@pytest.mark.parametrize("backend,zero_stage", [("ddp", 0), ("deepspeed", 1), ("accelerate", 0)])
 def test_resume_is_exact(shards, tmp_path, caplog, backend, zero_stage):
     cfg = tiny_config(backend=backend, zero_stage=zero_stage, grad_accum=2, micro_batch=1)
     straight = tmp_path / "straight"
@@ -117,3 +120,57 @@ def test_resume_is_exact(shards, tmp_path, caplog, backend, zero_stage):
     assert again["resumed_from_step"] == 3
     c = load_file(split / "model.safetensors")
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+
+
+def test_ema_warm_up_leaves_no_share_of_the_initialisation(shards, tmp_path):
+    # the decay schedule: 0.1 after the first step, the configured decay once (1+t)/(10+t) exceeds it
+    assert ema_decay_at(0, 0.9999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.9999) == 0.9999
+    share = np.prod([ema_decay_at(t, 0.9999) for t in range(20000)])  # the issue's 20k-step run
+    assert share < 1e-3 < 0.9999 ** 20000  # without warm-up 13.5% of the random weights would remain
+    # end to end, one step: EMA = (1 - 0.1) * weights after the step + 0.1 * initial weights
+    cfg = tiny_config(max_steps=1, ema_decay=0.9999)
+    train(cfg, shards, tmp_path)
+    torch.manual_seed(cfg["seed"])
+    initial = build_model(cfg["model"]).state_dict()
+    stepped = torch.load(tmp_path / "checkpoints" / "step-00000001" / "model.pt", weights_only=True)["model"]
+    exported = load_file(tmp_path / "model.safetensors")
+    for k, v in exported.items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, 0.9 * stepped[k] + 0.1 * initial[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "accelerate", "ddp"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_every_engine_honours_the_precision(backend, precision):
+    """bf16 means bf16 convolutions over fp32 weights, fp32 Adam state and an fp32 loss, for every backend.
+
+    The DeepSpeed engine is inspected too: without its torch_autocast section it would switch an outer
+    autocast off and train in fp32 while the log says bf16.
+    """
+    runtime, added = setup_runtime(backend, gpus_per_node=0)
+    try:
+        cfg = tiny_config(backend=backend, precision=precision)
+        torch.manual_seed(0)
+        net = build_model(cfg["model"]).train()
+        plan = RunPlan(2, 1, 1, 1, 1, bf16=precision == "bf16")
+        engine = Engine(cfg["train"], plan, runtime, net, build_scheduler(cfg["scheduler"]))
+        seen = []
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d))
+        conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        loss = engine.micro_step(torch.rand(2, 1, *SHAPE), torch.Generator().manual_seed(0), boundary=True)
+        expected = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert seen and set(seen) == {expected}
+        assert loss.dtype == torch.float32
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+        state = engine.optimizer.state_dict()["state"]
+        assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+        if backend == "deepspeed":
+            assert engine.model.torch_autocast_enabled() == (precision == "bf16")
+            if precision == "bf16":
+                assert engine.model.torch_autocast_dtype() == torch.bfloat16
+        if backend == "accelerate":
+            assert engine.accelerator.mixed_precision == ("bf16" if precision == "bf16" else "no")
+        engine.close()
+    finally:
+        for key in added:
+            os.environ.pop(key, None)

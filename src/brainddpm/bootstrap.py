@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from brainddpm.atomic import atomic_path
-from brainddpm import metrics
+from . import metrics
+from .fileio import atomic_path
 
 FID_CAVEAT = (
     "FID is biased upward at small N (86 volumes against 512 or 2048 features): the point estimate "

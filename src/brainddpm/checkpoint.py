@@ -21,7 +21,6 @@ version and the step in its metadata, enough for `load_final` to rebuild the net
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import BrainDDPMError
+from .fileio import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ class CheckpointError(BrainDDPMError):
 def rank_file(stem: str, rank: int) -> str:
     """Name of a per-rank file, e.g. ``rng-rank00003.pt``."""
     return f"{stem}-rank{rank:05d}.pt"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -94,7 +86,7 @@ def save(root: Path, step: int, files: dict[str, Any], meta: dict | None, *, ran
     barrier()
     if rank == 0:
         _fsync_write(tmp / META, json.dumps({**(meta or {}), "step": step}, indent=1).encode())
-        entries = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        entries = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         _fsync_write(tmp / MANIFEST, json.dumps({"code_version": __version__, "files": entries}, indent=1).encode())
         if final.exists():  # the same step saved again (e.g. a rerun after the end): replace it
             shutil.rmtree(final)
@@ -150,7 +142,7 @@ def verify(path: Path) -> str | None:
         size = f.stat().st_size
         if size != entry["bytes"]:
             return f"{f} has {size} bytes, the manifest says {entry['bytes']} (truncated or overwritten)"
-        if _sha256(f) != entry["sha256"]:
+        if sha256_file(f) != entry["sha256"]:
             return f"{f} does not match its sha256 in the manifest (corrupt)"
     return None
 
@@ -190,7 +182,11 @@ def read_meta(path: Path) -> dict:
 # ---- RNG states: converted to tensors and plain types so that weights_only loading accepts them ----
 
 def rng_state(generator: torch.Generator | None = None) -> dict:
-    """RNG states of this process: python, numpy, torch CPU, CUDA (when present) and `generator`."""
+    """RNG states of this process: python, numpy, torch CPU, its current CUDA device (if any) and `generator`.
+
+    Only the current device's CUDA state: a rank that saved every visible GPU's state could not be
+    resumed where a process sees fewer GPUs (one GPU per task instead of the whole node).
+    """
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -199,7 +195,7 @@ def rng_state(generator: torch.Generator | None = None) -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     if generator is not None:
         state["generator"] = generator.get_state()
     return state
@@ -213,7 +209,9 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        # checkpoints of earlier versions hold a list (one state per visible GPU): take this rank's device's
+        torch.cuda.set_rng_state(cuda if isinstance(cuda, torch.Tensor) else cuda[torch.cuda.current_device() % len(cuda)])
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])
 
@@ -274,26 +272,21 @@ def read_requeues(out_dir: Path) -> dict:
 
 
 def write_requeues(out_dir: Path, counts: dict) -> None:
-    path = Path(out_dir) / REQUEUES
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp-" + path.name)
-    tmp.write_text(json.dumps(counts))
-    os.replace(tmp, path)
+    with atomic_path(Path(out_dir) / REQUEUES) as tmp:
+        tmp.write_text(json.dumps(counts))
 
 
 # ---- the final model ----
 
 def save_final(path: Path, weights: dict[str, torch.Tensor], config: dict, step: int) -> None:
     """Write `weights` (the EMA) as safetensors with {"config", "code_version", "step"} metadata, atomically."""
-    path = Path(path)
-    tmp = path.with_name(".tmp-" + path.name)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in weights.items()}
     meta = {"config": json.dumps(config, sort_keys=True), "code_version": __version__, "step": str(int(step))}
-    save_file(tensors, str(tmp), metadata=meta)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; others in the project group read it
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; others in the project group read it
 
 
 def load_final(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:

@@ -267,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1, help="micro-batch (default: 1)")
     b.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps (default: 10)")
     b.add_argument("--target-shape", type=int, nargs=3, help="override the preset's target shape")
-    b.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    b.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if present")
+    b.add_argument("--backend", choices=["deepspeed", "accelerate", "ddp"],
+                   help="training engine to time (default: the preset's train.backend)")
+    b.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default: the preset's train.precision")
     b = bsub.add_parser("eval", help="one point evaluation of all metrics vs the bootstrap resamples")
     b.add_argument("--n", type=int, default=86)
     b.add_argument("--shape", type=int, nargs=3, default=[84, 128, 84])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_path
+from .fileio import atomic_path
 from .nifti import grid_affine
 
 _TEMPLATE_DIR = "datasets/data"

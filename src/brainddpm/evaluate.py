@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
 from . import bootstrap, metrics
 from .errors import BadInputError
+from .fileio import atomic_path
 from .shards import read_volumes, split_files
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""How training runs: the processes, their devices and rendezvous, preemption, and submission.
+"""How training is submitted and run: executors, the submitted job, requeue on preemption.
 
 `run_training(cfg, shards_dir, out_dir)` checks the config against the launch settings, then runs
 `train.train` according to launch.executor:
@@ -22,115 +22,21 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import sys
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import submitit
 from submitit.core.utils import UncompletedJobError
 
 from .checkpoint import read_requeues, write_requeues
 from .config import validate_config
 from .errors import BadInputError, BrainDDPMError, ConfigError
+from .shards import training_split
+from .train import train
 
 log = logging.getLogger(__name__)
 
-
-
-class TrainingInterrupted(BrainDDPMError):
-    """Stopped by the preemption signal outside submitit; the checkpoint lets a rerun resume."""
-
-
-# ---- inside each process: rendezvous, device, preemption signal ----
-
-@dataclass
-class Dist:
-    """This process's place in the run."""
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool  # this process created the process group, so it destroys it
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup_distributed(backend: str) -> tuple[Dist, list[str]]:
-    """Pick the device (cuda:LOCAL_RANK, or CPU) and join the process group (NCCL on GPU, gloo on CPU).
-
-    Without WORLD_SIZE in the environment the run is one process; it still joins a group of one for
-    DeepSpeed, which needs one. Returns the environment variables set here, for the caller to remove.
-    """
-    added = []
-    if "WORLD_SIZE" not in os.environ:
-        defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(_free_port())}
-        added = [k for k in defaults if k not in os.environ]
-        os.environ.update({k: defaults[k] for k in added})
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        # TrainJob leaves every GPU of the node visible, so this is cuda:LOCAL_RANK (what DeepSpeed picks too);
-        # the modulo covers schedulers that bind one GPU per task.
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # one volume shape throughout: let cuDNN pick the fastest kernels
-    else:
-        device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes sharing this machine's cores
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
-    owns = False
-    if (world > 1 or backend == "deepspeed") and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                device_id=device if device.type == "cuda" else None)
-        owns = True
-    return Dist(rank, world, device, owns), added
-
-
-class StopSignal:
-    """Turns the preemption signal into a flag that the training loop checks at step boundaries.
-
-    Checkpointing inside the signal handler could interrupt a collective; the flag waits for a clean
-    boundary, where the ranks agree on it and checkpoint together. `forward` then hands the signal to the
-    handler installed before (submitit's: requeue on rank 0).
-    """
-
-    def __init__(self) -> None:
-        self.signum = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
-        self.flag, self.prev, self.installed = False, None, False
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self.prev = signal.signal(self.signum, self._handle)
-            self.installed = True
-
-    def _handle(self, signum, frame) -> None:
-        self.flag = True
-
-    def restore(self) -> None:
-        if self.installed:
-            signal.signal(self.signum, self.prev)
-            self.installed = False
-
-    def forward(self) -> bool:
-        """Call the previous handler; False when there was none to call."""
-        self.restore()
-        if callable(self.prev):
-            self.prev(self.signum, None)
-            return True
-        return False
 
 
 # ---- before submission: checks, executors ----
@@ -141,9 +47,7 @@ def tasks_per_node(launch: dict) -> int:
 
 
 def _train_split_size(shards_dir: Path) -> int:
-    from .train import split_dir
-
-    index = split_dir(Path(shards_dir)) / "index.json"
+    index = training_split(shards_dir) / "index.json"
     if not index.exists():
         raise BadInputError(index, "shard index not found (run `snakemake prepare` first)")
     return int(json.loads(index.read_text())["n_volumes"])
@@ -174,7 +78,12 @@ def slurm_parameters(cfg: dict) -> dict:
         "job_name": f"brainddpm-train-{cfg['run']}", "nodes": lc["nodes"], "ntasks_per_node": tasks_per_node(lc),
         "cpus_per_task": lc["cpus_per_task"], "mem": f"{mem:g}G" if float(mem).is_integer() else f"{int(mem * 1024)}M",
         "time": lc["time_min"], "signal_delay_s": lc["signal_delay_s"],
-        "setup": list(lc["setup"]), "additional_parameters": dict(lc["slurm_extra"]),
+        "setup": list(lc["setup"]), # --requeue: clusters with JobRequeue=0 would otherwise refuse submitit's `scontrol requeue`
+        "additional_parameters": {"requeue": True, **lc["slurm_extra"]},
+        # srun does not inherit --cpus-per-task from the allocation on SLURM 22.05-23.02 (DataLoader workers
+        # would share one core); --kill-on-bad-exit ends every task when one dies instead of leaving the
+        # others waiting in a collective until its timeout
+        "srun_args": [f"--cpus-per-task={lc['cpus_per_task']}", "--kill-on-bad-exit=1"],
     }
     if lc["gpus_per_node"]:
         params["gpus_per_node"] = lc["gpus_per_node"]
@@ -193,8 +102,24 @@ def make_executor(cfg: dict, out_dir: Path) -> submitit.Executor:
     executor = submitit.LocalExecutor(folder=folder, max_num_timeout=lc["max_requeues"])
     executor.update_parameters(timeout_min=lc["time_min"], gpus_per_node=lc["gpus_per_node"],
                                tasks_per_node=tasks_per_node(lc), setup=list(lc["setup"]),
-                               signal_delay_s=lc["signal_delay_s"])
+                               signal_delay_s=lc["signal_delay_s"], visible_gpus=visible_gpus())
     return executor
+
+
+def visible_gpus() -> tuple[int, ...]:
+    """The GPUs this machine's user left visible (CUDA_VISIBLE_DEVICES), for the local executor.
+
+    submitit's LocalExecutor sets CUDA_VISIBLE_DEVICES=0..n-1 for its tasks unless told which GPUs may be
+    used; passing the user's mask keeps `CUDA_VISIBLE_DEVICES=2,3 snakemake ...` on GPUs 2 and 3.
+    """
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return ()
+    items = [m.strip() for m in mask.split(",") if m.strip()]
+    if not all(m.isdigit() for m in items):
+        raise ConfigError(f"config key 'launch.executor': local, but CUDA_VISIBLE_DEVICES={mask!r} is not a list of "
+                          "GPU indices (submitit's local executor takes indices, not UUIDs)")
+    return tuple(int(m) for m in items)
 
 
 # ---- the submitted job ----
@@ -206,9 +131,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.cfg, self.shards_dir, self.out_dir = cfg, str(shards_dir), str(out_dir)
 
     def __call__(self) -> dict:
-        from .train import train
-
-        # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; every GPU of the node stays visible (see setup_distributed)
+        # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; every GPU of the node stays visible (see runtime.setup_runtime)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         return train(self.cfg, Path(self.shards_dir), Path(self.out_dir))
 
@@ -259,7 +182,5 @@ def run_training(cfg: dict, shards_dir: Path, out_dir: Path) -> dict:
     """Train according to launch.executor and wait; returns train.json's content. Reruns resume."""
     if cfg["launch"]["executor"] == "inprocess":
         check_launch(cfg, shards_dir)
-        from .train import train
-
         return train(cfg, Path(shards_dir), Path(out_dir))
     return wait_training(submit_training(cfg, shards_dir, out_dir))

@@ -20,9 +20,9 @@ import logging
 
 import numpy as np
 
-from .atomic import atomic_path
 from .errors import BadInputError
-from .nifti import header_info, load_checked, sha256_file
+from .fileio import atomic_path, sha256_file
+from .nifti import header_info, load_checked
 
 MANIFEST_COLUMNS = ["subject", "session", "dataset", "path", "shape", "spacing", "orientation", "sha256", "age", "sex"]
 SPLIT_COLUMNS = ["subject", "session", "dataset", "path", "sha256", "split"]

@@ -41,7 +41,9 @@ def build_model(model_cfg: dict) -> DiffusionModelUNet:
 def _schedule_args(sched_cfg: dict) -> dict:
     # the data live in [0, 1] (data stage): clip the predicted x0 there, not to MONAI's default [-1, 1]
     args = {"num_train_timesteps": int(sched_cfg["num_train_timesteps"]), "schedule": sched_cfg["schedule"],
-            "clip_sample": True, "clip_sample_min": 0.0, "clip_sample_max": 1.0}
+            "clip_sample": True, "clip_sample_min": 0.0, "clip_sample_max": 1.0,
+            # models saved before prediction_type was configurable predicted the noise
+            "prediction_type": sched_cfg.get("prediction_type", "epsilon")}
     if sched_cfg["schedule"] != "cosine":  # MONAI's cosine schedule takes no beta range
         args.update(beta_start=float(sched_cfg["beta_start"]), beta_end=float(sched_cfg["beta_end"]))
     return args
@@ -61,13 +63,21 @@ def build_ddim(sched_cfg: dict, steps: int) -> DDIMScheduler:
 
 def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, x: torch.Tensor,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Noise-prediction MSE: draw noise and uniform timesteps, noise `x`, predict the noise.
+    """Denoising MSE: draw noise and uniform timesteps, noise `x`, predict the scheduler's target.
 
-    `model` may be the bare UNet or a DDP/DeepSpeed wrapper around it. The loss is computed in fp32
-    even under bf16 autocast.
+    The target follows `scheduler.prediction_type`: the noise ("epsilon", Ho et al. 2020, the study's),
+    the velocity ("v_prediction", Salimans & Ho 2022: `scheduler.get_velocity`) or the clean volume
+    ("sample"). `model` may be the bare UNet or a DDP/DeepSpeed/Accelerate wrapper around it. The loss
+    is computed in fp32 even under bf16 autocast.
     """
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), generator=generator, device=x.device)
     x_t = scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
     pred = model(x_t, timesteps=t)
-    return F.mse_loss(pred.float(), noise.float())
+    if scheduler.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(x, noise, t)
+    elif scheduler.prediction_type == "sample":
+        target = x
+    else:
+        target = noise
+    return F.mse_loss(pred.float(), target.float())

@@ -17,15 +17,14 @@ FSLeyes/ITK-SNAP (`target_affine`).
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from .atomic import atomic_path
 from .errors import BadInputError
+from .fileio import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -44,14 +43,6 @@ def target_affine(data_cfg: dict) -> np.ndarray:
     new_spacing = spacing * np.asarray(grid["shape"]) / np.asarray(data_cfg["target_shape"])
     corner = np.asarray(grid["origin"], float) - spacing / 2  # outer edge of the first voxel
     return grid_affine(data_cfg["target_shape"], new_spacing, corner + new_spacing / 2)
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_nifti(path) -> bool:

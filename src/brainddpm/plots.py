@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .atomic import atomic_path
+from .fileio import atomic_path
 
 
 def plot_loss(csv_path: Path, png_path: Path) -> None:

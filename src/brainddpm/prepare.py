@@ -11,9 +11,10 @@ import numpy as np
 
 from .config import split_seed
 from .errors import BadInputError
+from .fileio import sha256_file
 from .manifest import (EXCLUDED_COLUMNS, MANIFEST_COLUMNS, SPLIT_COLUMNS, build_manifest, read_tsv, shard_rows,
                        split_subjects, write_tsv)
-from .nifti import load_mask, preprocess, sha256_file, target_affine
+from .nifti import load_mask, preprocess, target_affine
 from .shards import open_shard, shard_summary, write_index, write_shard
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
+from .fileio import atomic_path
 from .shards import read_volumes, split_files
 
 # (column, metric for the model row, metric for the real-images row); the study's table.
@@ -45,6 +45,19 @@ def study_table(metrics_by_sampler: dict[str, dict]) -> list[list[str]]:
     first = next(iter(metrics_by_sampler.values()))["metrics"]
     rows.append(["real images"] + [fmt(first.get(real_key)) if real_key else "–" for _, _, real_key in STUDY_COLUMNS])
     return rows
+
+
+def floor_verdict(sampler: str, metrics: dict) -> str:
+    """One sentence: is the synthetic set within the real-halves floor (do the two MMD 95% intervals overlap)?"""
+    model, floor = metrics.get("mmd_monai_generative"), metrics.get("floor_mmd_monai_generative")
+    if not model or not floor or model.get("value") is None or floor.get("value") is None:
+        return f"- **{sampler}**: the MMD or its real-halves floor was not computed, so no verdict."
+    overlap = model["ci_low"] <= floor["ci_high"] and floor["ci_low"] <= model["ci_high"]
+    where = (f"its MMD {fmt(model, 4)} overlaps the MMD of two halves of the real set {fmt(floor, 4)}" if overlap
+             else f"its MMD {fmt(model, 4)} lies {'above' if model['ci_low'] > floor['ci_high'] else 'below'} the "
+                  f"MMD of two halves of the real set {fmt(floor, 4)}, 95% intervals apart")
+    verdict = "within" if overlap else "**not** within"
+    return f"- **{sampler}**: the synthetic set is {verdict} the real-halves floor: {where}."
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -171,6 +184,8 @@ def _report_markdown(metrics_by_sampler: dict, memo: dict, train_info: dict, tab
         f"{n_real} real validation volumes vs {n_syn} synthetic volumes per sampler; 95% percentile intervals "
         f"from {next(iter(any_doc['metrics'].values()))['n_boot']} bootstrap resamples "
         "(real and synthetic resampled independently). Definitions: docs/metrics.md.", "",
+        "## Verdict", "",
+        *[floor_verdict(s, d["metrics"]) for s, d in metrics_by_sampler.items()], "",
         "## Metrics (laid out like the reference study)", "", table, "",
         f"For comparison, the {STUDY_VALUES}. MMD here is the MONAI GenerativeModels definition "
         "(the one comparable with the study); MS-SSIM is the mean over pairs within a set, on whole volumes.", "",

@@ -2,9 +2,13 @@
 
 The n requested volumes are cut into fixed batches of `batch` consecutive indices, and each
 sampling job takes whole batches. Volume i starts from noise drawn with seed `base_seed + i` and
-every stochastic DDPM step draws its noise from that volume's own generator, so a volume is the
-same whatever the number of jobs. Outputs are clipped to the data range [0, 1] documented by the
-data stage (background 0).
+every stochastic DDPM step draws its noise from that volume's own generator, so the random draws of
+a volume do not depend on the number of jobs. What that guarantees exactly: for the same model,
+`sample.batch`, seeds, device type and library versions, a volume is bit-for-bit the same whatever
+`sample.jobs` is (tested on CPU, and on GPU by the `gpu` tests). A different batch size, GPU model or
+cuDNN/torch version may pick other kernels (bf16 and cuDNN's algorithms depend on the batch shape),
+so volumes then agree only up to float rounding. Outputs are clipped to the data range [0, 1]
+documented by the data stage (background 0).
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path
 from .checkpoint import load_final
 from .errors import BrainDDPMError
+from .fileio import atomic_path, sha256_file
 from .model import build_ddim, build_scheduler
-from .nifti import save_volume, sha256_file
+from .nifti import save_volume
+from .runtime import claim_gpu
 from .shards import write_shard
 
 log = logging.getLogger(__name__)
@@ -36,10 +41,11 @@ def part_batches(n: int, batch: int, jobs: int, part: int) -> list[list[int]]:
 
 
 def pick_device(name: str) -> torch.device:
+    """sample.device → a device: a GPU no other brainddpm job on this machine holds (runtime.claim_gpu)."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise BrainDDPMError("sample.device is 'cuda' but no GPU is visible")
-        return torch.device("cuda")
+        return claim_gpu()
     return torch.device("cpu")
 
 

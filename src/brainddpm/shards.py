@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from .atomic import atomic_path
 from . import __version__
 from .errors import BadInputError
+from .fileio import atomic_path, sha256_file
 
 STRING_FIELDS = ("subject", "session", "dataset", "source_path", "source_sha256")
 STAT_FIELDS = ("p_low", "p_high", "mask_voxels")
@@ -53,9 +52,8 @@ def write_shard(path, images: np.ndarray, meta: list[dict], affine: np.ndarray, 
         images = images[:, None]
     stored = images.astype(dtype)
     n = len(stored)
-    tmp = path.with_name(".tmp-" + path.name)
     checksums = [volume_checksum(v) for v in stored]
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("images", data=stored, chunks=(1, *stored.shape[1:]) if n else None,
                          shuffle=compression != "none", **_compression(compression, compression_level))
         str_dt = h5py.string_dtype()
@@ -73,15 +71,8 @@ def write_shard(path, images: np.ndarray, meta: list[dict], affine: np.ndarray, 
         })
         for k, v in (attrs or {}).items():
             f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
-    os.replace(tmp, path)
-    return {"file": path.name, "count": n, "sha256": file_sha256(path), "checksums": checksums,
+    return {"file": path.name, "count": n, "sha256": sha256_file(path), "checksums": checksums,
             "subjects": sorted({m.get("subject", "") for m in meta})}
-
-
-def file_sha256(path) -> str:
-    from .nifti import sha256_file
-
-    return sha256_file(path)
 
 
 def open_shard(path) -> h5py.File:
@@ -143,7 +134,7 @@ def write_index(split: str, summaries: list[dict], path, excluded: list[dict] = 
 def shard_summary(path) -> dict:
     """The index entry of an existing shard (recomputed from the file)."""
     meta = read_meta(path)
-    return {"file": Path(path).name, "count": len(meta), "sha256": file_sha256(path),
+    return {"file": Path(path).name, "count": len(meta), "sha256": sha256_file(path),
             "checksums": [m["checksum"] for m in meta], "subjects": sorted({m["subject"] for m in meta})}
 
 
@@ -154,3 +145,11 @@ def split_files(split_dir) -> list[Path]:
     if not index.exists():
         raise BadInputError(index, "shard index not found (run `snakemake prepare` first)")
     return [split_dir / s["file"] for s in json.loads(index.read_text())["shards"]]
+
+
+def training_split(shards_dir) -> Path:
+    """The training split of a shards folder: the folder itself when it holds index.json, else its train/."""
+    shards_dir = Path(shards_dir)
+    if (shards_dir / "index.json").exists() or not (shards_dir / "train").is_dir():
+        return shards_dir
+    return shards_dir / "train"

@@ -1,8 +1,9 @@
-"""Write a file under a temporary name in the same folder and rename it into place when complete,
-so that no reader (or Snakemake) ever sees a half-written output."""
+"""Files: write under a temporary name and rename into place when complete (no reader, and not Snakemake,
+ever sees a half-written output), and the one sha256 of a file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,3 +21,12 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,110 @@
+"""GPU checks: run with `pytest -m gpu` on a machine with CUDA; everywhere else they skip with the reason.
+
+NCCL in one process, one bf16 training step per backend, save -> resume on the GPU with the same next
+losses, and sampling that is bit-for-bit the same for one and two jobs at the same batch size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import base_config
+from safetensors.torch import load_file
+from test_sample import _run
+from test_train import SHAPE, losses, make_shards, tiny_config
+
+from brainddpm.checkpoint import save_final
+from brainddpm.config import deep_merge
+from brainddpm.model import build_model, build_scheduler
+from brainddpm.nifti import target_affine
+from brainddpm.runtime import setup_runtime
+from brainddpm.train import Engine, RunPlan, train
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run `pytest -m gpu` on one)"),
+]
+
+
+def _gpu_config(**train_cfg) -> dict:
+    return deep_merge(tiny_config(**train_cfg), {"launch": {"gpus_per_node": 1}})
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards") / "train")
+
+
+def test_nccl_process_group_of_one(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    runtime, added = setup_runtime("deepspeed", gpus_per_node=1)
+    try:
+        assert runtime.device.type == "cuda" and dist.get_backend() == "nccl"
+        t = torch.ones(4, device=runtime.device)
+        dist.all_reduce(t)
+        assert t.sum().item() == 4
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "accelerate", "ddp"])
+def test_one_bf16_step_per_backend(backend):
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("this GPU has no native bf16")
+    runtime, added = setup_runtime(backend, gpus_per_node=1)
+    try:
+        cfg = _gpu_config(backend=backend, precision="bf16")
+        torch.manual_seed(0)
+        net = build_model(cfg["model"]).to(runtime.device).train()
+        engine = Engine(cfg["train"], RunPlan(2, 1, 1, 1, 1, bf16=True), runtime, net,
+                        build_scheduler(cfg["scheduler"]))
+        seen = []
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d))
+        conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        before = [p.detach().clone() for p in net.parameters()]
+        x = torch.rand(2, 1, *SHAPE, device=runtime.device)
+        loss = engine.micro_step(x, torch.Generator(device=runtime.device).manual_seed(0), boundary=True)
+        assert torch.isfinite(loss) and loss.dtype == torch.float32 and set(seen) == {torch.bfloat16}
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+        engine.close()
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "accelerate"])
+def test_resume_on_gpu_continues_with_the_same_losses(shards, tmp_path, backend):
+    cfg = _gpu_config(backend=backend, max_steps=6)
+    torch.backends.cudnn.deterministic = True  # exactness up to cuDNN's autotuner is what training promises
+    try:
+        train(cfg, shards, tmp_path / "straight")
+        train(_gpu_config(backend=backend, max_steps=3), shards, tmp_path / "split")
+        resumed = train(cfg, shards, tmp_path / "split")
+    finally:
+        torch.backends.cudnn.deterministic = False
+    assert resumed["resumed_from_step"] == 3 and resumed["device"] != "cpu"
+    straight, split = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert [s for s, _ in split] == list(range(1, 7))
+    np.testing.assert_allclose([v for _, v in split], [v for _, v in straight], rtol=2e-2)
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
+
+
+def test_sampling_is_bitwise_identical_for_one_and_two_jobs_on_gpu(tmp_path):
+    cfg = base_config(scheduler={"num_train_timesteps": 20})
+    torch.manual_seed(0)
+    net = build_model(cfg["model"])
+    ckpt = tmp_path / "model.safetensors"
+    data = {"target_shape": cfg["data"]["target_shape"], "affine": target_affine(cfg["data"]).tolist(),
+            "intensity_range": [0.0, 1.0]}
+    save_final(ckpt, net.state_dict(), {"model": cfg["model"], "scheduler": cfg["scheduler"], "data": data}, step=1)
+    a, _ = _run(cfg, ckpt, tmp_path, 1, device="cuda")
+    b, _ = _run(cfg, ckpt, tmp_path, 2, device="cuda")
+    np.testing.assert_array_equal(a, b)
