@@ -161,3 +161,38 @@ def test_slurm_job_is_signalled_requeued_and_resumed(slurm_env, shards, tmp_path
     assert result["world_size"] == 2 and len(set(result["weights_sha256"])) == 1
     assert [s for s, _ in losses(tmp_path)] == list(range(1, 25))
     assert (tmp_path / "slurm").is_dir()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_rerun_attaches_to_the_running_slurm_job_after_the_waiter_dies(slurm_env, shards, tmp_path):
+    """Losing the login session kills `brainddpm train` (the waiter), not the SLURM job: a rerun waits for
+    that same job instead of submitting a second one into the same checkpoint folder."""
+    import json
+    import subprocess
+    import sys
+
+    from brainddpm.config import dumps
+
+    cfg = _cfg(train={"backend": "ddp", "micro_batch": 1, "max_steps": 30, "checkpoint_every": 100},
+               launch={"executor": "slurm", "tasks_per_node": 1, "cpus_per_task": 1, "mem_gb": 1,
+                       "partition": slurm_env.partition, "time_min": 10})
+    waiter = subprocess.Popen(
+        [str(Path(sys.executable).parent / "brainddpm"), "train", "--config-json", dumps(cfg), "--shards", str(shards),
+         "--out", str(tmp_path)], stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    deadline = time.time() + 180
+    while len(losses(tmp_path, live=True)) < 2:
+        assert time.time() < deadline and waiter.poll() is None, "training made no progress"
+        time.sleep(0.2)
+    waiter.kill()  # like a closed terminal: no chance to clean up
+    waiter.wait()
+    first = json.loads((tmp_path / "job.json").read_text())["job_id"]
+    result = run_training(cfg, shards, tmp_path)  # the rerun
+    assert json.loads((tmp_path / "job.json").read_text())["job_id"] == first
+    assert result["steps"] == 30 and result["resumed_from_step"] is None  # one job did all the training
+    assert [s for s, _ in losses(tmp_path)] == list(range(1, 31))
+    submitted = [line for line in (tmp_path / "slurm").glob("*_submission.sh")]
+    assert len(submitted) == 1, submitted
+    # once the job has finished, a rerun submits again (and resumes from the last checkpoint: nothing to do)
+    again = run_training(cfg, shards, tmp_path)
+    assert json.loads((tmp_path / "job.json").read_text())["job_id"] != first and again["steps"] == 30

@@ -18,11 +18,14 @@ times per submission, counted in out_dir/requeues.json). Any rerun resumes from 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ from submitit.core.utils import UncompletedJobError
 from .checkpoint import read_requeues, write_requeues
 from .config import validate_config
 from .errors import BadInputError, BrainDDPMError, ConfigError
+from .fileio import atomic_path
 from .shards import training_split
 from .train import train
 
@@ -169,6 +173,57 @@ def submit_training(cfg: dict, shards_dir: Path, out_dir: Path) -> submitit.Job:
     return job
 
 
+JOB_RECORD = "job.json"
+# SLURM states of a job that will still run or is running: a rerun attaches to it instead of submitting again
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SIGNALING", "STAGE_OUT", "SUSPENDED"}
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    """The job's state as squeue shows it, or None when SLURM no longer lists it (finished or unknown)."""
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BrainDDPMError(f"cannot ask SLURM about training job {job_id} (squeue: {exc}); rerun when squeue "
+                             "answers, so that a second job is not submitted next to it") from None
+    if proc.returncode != 0:  # "Invalid job id specified": the job has left the queue
+        return None
+    states = proc.stdout.split()
+    return states[0] if states else None
+
+
+def submit_or_attach(cfg: dict, shards_dir: Path, out_dir: Path) -> submitit.Job:
+    """The run's training job: the one recorded in out_dir/job.json while SLURM still runs or queues it,
+    else a new submission (recorded there).
+
+    Losing the login session kills the waiting `brainddpm train` (and Snakemake), not the SLURM job; a
+    rerun then waits for that job instead of submitting a second one into the same checkpoint folder. A
+    lock makes the check and the submission one step, so two processes never both submit.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".submit.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record_path = out_dir / JOB_RECORD
+        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        if record and record["executor"] == "slurm" and cfg["launch"]["executor"] == "slurm":
+            state = slurm_job_state(record["job_id"])
+            if state in ACTIVE_STATES:
+                job = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"],
+                                        tasks=tuple(range(record["tasks"])))
+                print(f"attaching to training job {job.job_id} ({state}, submitted {record['submitted']}); "
+                      f"logs:\n{_log_paths(job)}", file=sys.stderr, flush=True)
+                return job
+        job = submit_training(cfg, shards_dir, out_dir)
+        tasks = cfg["launch"]["nodes"] * tasks_per_node(cfg["launch"])
+        with atomic_path(record_path) as tmp:
+            tmp.write_text(json.dumps({"executor": cfg["launch"]["executor"], "job_id": str(job.job_id),
+                                       "folder": str(job.paths.folder), "tasks": tasks,
+                                       "submitted": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+        return job
+
+
 def wait_training(job: submitit.Job) -> dict:
     """Wait for the job; train.json's content from rank 0, or an error that names the job's logs."""
     try:
@@ -183,4 +238,4 @@ def run_training(cfg: dict, shards_dir: Path, out_dir: Path) -> dict:
     if cfg["launch"]["executor"] == "inprocess":
         check_launch(cfg, shards_dir)
         return train(cfg, Path(shards_dir), Path(out_dir))
-    return wait_training(submit_training(cfg, shards_dir, out_dir))
+    return wait_training(submit_or_attach(cfg, shards_dir, out_dir))

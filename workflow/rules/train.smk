@@ -14,7 +14,7 @@ rule train:
     input:
         index=f"{R}/shards/train/index.json",
     output:
-        model=MODEL,
+        model=protected(MODEL),  # hours of GPU time: never deleted or overwritten by a rerun
         info=f"{TRAIN_DIR}/train.json",
         loss=f"{TRAIN_DIR}/loss.csv",
         plot=report(f"{TRAIN_DIR}/loss.png", caption="../report/loss.rst", category="Training"),
