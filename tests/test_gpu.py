@@ -6,7 +6,6 @@ losses, and sampling that is bit-for-bit the same for one and two jobs at the sa
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from brainddpm.checkpoint import save_final
 from brainddpm.config import deep_merge
 from brainddpm.model import build_model, build_scheduler
 from brainddpm.nifti import target_affine
-from brainddpm.runtime import setup_runtime
+from brainddpm.runtime import scoped_environment, setup_runtime
 from brainddpm.train import Engine, RunPlan, train
 
 pytestmark = [
@@ -42,23 +41,20 @@ def shards(tmp_path_factory):
 def test_nccl_process_group_of_one(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    runtime, added = setup_runtime("deepspeed", gpus_per_node=1)
-    try:
+    with scoped_environment():
+        runtime = setup_runtime("deepspeed", gpus_per_node=1)
         assert runtime.device.type == "cuda" and dist.get_backend() == "nccl"
         t = torch.ones(4, device=runtime.device)
         dist.all_reduce(t)
         assert t.sum().item() == 4
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
 
 
 @pytest.mark.parametrize("backend", ["deepspeed", "accelerate", "ddp"])
 def test_one_bf16_step_per_backend(backend):
     if not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no native bf16")
-    runtime, added = setup_runtime(backend, gpus_per_node=1)
-    try:
+    with scoped_environment():
+        runtime = setup_runtime(backend, gpus_per_node=1)
         cfg = _gpu_config(backend=backend, precision="bf16")
         torch.manual_seed(0)
         net = build_model(cfg["model"]).to(runtime.device).train()
@@ -74,9 +70,6 @@ def test_one_bf16_step_per_backend(backend):
         assert all(p.dtype == torch.float32 for p in net.parameters())
         assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
         engine.close()
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
 
 
 @pytest.mark.parametrize("backend", ["deepspeed", "accelerate"])

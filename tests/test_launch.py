@@ -16,7 +16,8 @@ from test_train import losses, make_shards, tiny_config
 
 from brainddpm.config import deep_merge
 from brainddpm.errors import BadInputError, BrainDDPMError, ConfigError
-from brainddpm.launch import run_training, slurm_parameters, submit_training, visible_gpus, wait_training
+from brainddpm.launch import (ACTIVE_STATES, run_training, slurm_job_state, slurm_parameters, submit_training,
+                              visible_gpus, wait_training)
 from brainddpm.runtime import TrainingInterrupted
 
 
@@ -193,6 +194,10 @@ def test_rerun_attaches_to_the_running_slurm_job_after_the_waiter_dies(slurm_env
     assert [s for s, _ in losses(tmp_path)] == list(range(1, 31))
     submitted = [line for line in (tmp_path / "slurm").glob("*_submission.sh")]
     assert len(submitted) == 1, submitted
-    # once the job has finished, a rerun submits again (and resumes from the last checkpoint: nothing to do)
+    # once SLURM no longer runs the job, a rerun submits again (and resumes from the last checkpoint)
+    deadline = time.time() + 60
+    while slurm_job_state(first) in ACTIVE_STATES:  # e.g. COMPLETING for a moment
+        assert time.time() < deadline, "the finished job stays active in squeue"
+        time.sleep(0.5)
     again = run_training(cfg, shards, tmp_path)
     assert json.loads((tmp_path / "job.json").read_text())["job_id"] != first and again["steps"] == 30

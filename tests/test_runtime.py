@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from brainddpm.errors import ConfigError
-from brainddpm.runtime import StopSignal, lock_first_free, require_cuda, setup_runtime
+from brainddpm.runtime import StopSignal, lock_first_free, require_cuda, scoped_environment, setup_runtime
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens on a machine without CUDA")
 
@@ -28,18 +28,22 @@ def test_gpus_requested_without_cuda_is_an_error_naming_the_cause(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     with pytest.raises(ConfigError, match="driver may be older"):
         require_cuda(1)
-    with pytest.raises(ConfigError, match="launch.gpus_per_node"):  # the runtime checks before anything else
-        setup_runtime("ddp", gpus_per_node=1)
+    with pytest.raises(ConfigError, match="launch.gpus_per_node"), scoped_environment():
+        setup_runtime("ddp", gpus_per_node=1)  # the runtime checks before anything else
 
 
 def test_one_process_runtime_leaves_the_environment_as_it_was(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    runtime, added = setup_runtime("ddp", gpus_per_node=0)
-    assert (runtime.rank, runtime.world_size, runtime.device.type, runtime.owns_group) == (0, 1, "cpu", False)
-    assert set(added) >= {"RANK", "WORLD_SIZE", "OMP_NUM_THREADS"}
-    for key in added:
-        os.environ.pop(key)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    before = dict(os.environ)
+    with scoped_environment():
+        runtime = setup_runtime("ddp", gpus_per_node=0)
+        assert (runtime.rank, runtime.world_size, runtime.device.type, runtime.owns_group) == (0, 1, "cpu", False)
+        assert os.environ["WORLD_SIZE"] == "1"
+        os.environ["LOCAL_WORLD_SIZE"] = "1"  # what Accelerate exports on CPUs
+        os.environ["OMP_NUM_THREADS"] = "1"
+    assert dict(os.environ) == before
 
 
 def test_concurrent_jobs_claim_different_gpus(tmp_path):

@@ -20,7 +20,7 @@ from brainddpm.config import deep_merge
 from brainddpm.nifti import grid_affine
 from brainddpm.shards import write_index, write_shard
 from brainddpm.model import build_model, build_scheduler
-from brainddpm.runtime import setup_runtime
+from brainddpm.runtime import scoped_environment, setup_runtime
 from brainddpm.train import Engine, RunPlan, ema_decay_at, train
 
 SHAPE = (16, 16, 16)
@@ -98,6 +98,7 @@ def test_a_few_steps_reduce_the_loss(shards, tmp_path):
 
 @pytest.mark.parametrize("backend,zero_stage", [("ddp", 0), ("deepspeed", 1), ("accelerate", 0)])
 def test_resume_is_exact(shards, tmp_path, caplog, backend, zero_stage):
+    environment = dict(os.environ)
     cfg = tiny_config(backend=backend, zero_stage=zero_stage, grad_accum=2, micro_batch=1)
     straight = tmp_path / "straight"
     train(cfg, shards, straight)
@@ -120,6 +121,7 @@ def test_resume_is_exact(shards, tmp_path, caplog, backend, zero_stage):
     assert again["resumed_from_step"] == 3
     c = load_file(split / "model.safetensors")
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    assert dict(os.environ) == environment  # the runs leave no rendezvous variables behind
 
 
 def test_ema_warm_up_leaves_no_share_of_the_initialisation(shards, tmp_path):
@@ -147,8 +149,9 @@ def test_every_engine_honours_the_precision(backend, precision):
     The DeepSpeed engine is inspected too: without its torch_autocast section it would switch an outer
     autocast off and train in fp32 while the log says bf16.
     """
-    runtime, added = setup_runtime(backend, gpus_per_node=0)
-    try:
+    before = dict(os.environ)
+    with scoped_environment():
+        runtime = setup_runtime(backend, gpus_per_node=0)
         cfg = tiny_config(backend=backend, precision=precision)
         torch.manual_seed(0)
         net = build_model(cfg["model"]).train()
@@ -171,6 +174,4 @@ def test_every_engine_honours_the_precision(backend, precision):
         if backend == "accelerate":
             assert engine.accelerator.mixed_precision == ("bf16" if precision == "bf16" else "no")
         engine.close()
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+    assert dict(os.environ) == before  # nothing leaks (Accelerate exports LOCAL_WORLD_SIZE and others)

@@ -7,7 +7,6 @@ Timing is CUDA-synchronised and excludes `warmup` steps (cuDNN autotuning, alloc
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -15,7 +14,7 @@ import torch.distributed as dist
 
 from .model import build_model, build_scheduler
 from .perf import device_name, flops_per_sample, mfu, peak_memory, reset_peak_memory, synchronize, use_bf16
-from .runtime import setup_runtime
+from .runtime import scoped_environment, setup_runtime
 from .train import Engine, RunPlan
 
 
@@ -26,33 +25,32 @@ def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3
     the engine and precision exactly as in training (gradient accumulation 1, micro-batch `batch`).
     """
     train_cfg = {**cfg["train"], "micro_batch": batch, "grad_accum": 1}
-    runtime, added_env = setup_runtime(train_cfg["backend"], cfg["launch"]["gpus_per_node"],
-                                       cfg["launch"]["collective_timeout_s"])
-    device = runtime.device
-    torch.manual_seed(0)
-    net = build_model(cfg["model"]).to(device).train()
-    scheduler = build_scheduler(cfg["scheduler"])
-    plan = RunPlan(batch, 1, 1, steps, warmup + steps, use_bf16(train_cfg["precision"], device))
-    flops = flops_per_sample(net, target_shape, device, plan.bf16, scheduler.num_train_timesteps)
-    engine = Engine(train_cfg, plan, runtime, net, scheduler)
-    x = torch.rand(batch, 1, *target_shape, device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    try:
-        t0 = 0.0
-        for i in range(warmup + steps):
-            if i == warmup:
-                synchronize(device)
-                reset_peak_memory(device)
-                t0 = time.perf_counter()
-            loss = engine.micro_step(x, generator, boundary=True)
-        synchronize(device)
-        elapsed = time.perf_counter() - t0
-    finally:
-        engine.close()
-        if runtime.owns_group and runtime.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-        for key in added_env:
-            os.environ.pop(key, None)
+    with scoped_environment():
+        runtime = setup_runtime(train_cfg["backend"], cfg["launch"]["gpus_per_node"],
+                                cfg["launch"]["collective_timeout_s"])
+        device = runtime.device
+        torch.manual_seed(0)
+        net = build_model(cfg["model"]).to(device).train()
+        scheduler = build_scheduler(cfg["scheduler"])
+        plan = RunPlan(batch, 1, 1, steps, warmup + steps, use_bf16(train_cfg["precision"], device))
+        flops = flops_per_sample(net, target_shape, device, plan.bf16, scheduler.num_train_timesteps)
+        engine = Engine(train_cfg, plan, runtime, net, scheduler)
+        x = torch.rand(batch, 1, *target_shape, device=device)
+        generator = torch.Generator(device=device).manual_seed(0)
+        try:
+            t0 = 0.0
+            for i in range(warmup + steps):
+                if i == warmup:
+                    synchronize(device)
+                    reset_peak_memory(device)
+                    t0 = time.perf_counter()
+                loss = engine.micro_step(x, generator, boundary=True)
+            synchronize(device)
+            elapsed = time.perf_counter() - t0
+        finally:
+            engine.close()
+            if runtime.owns_group and runtime.world_size > 1 and dist.is_initialized():
+                dist.destroy_process_group()
     samples_per_s = steps * batch / elapsed
     return {
         "device": device_name(device), "backend": train_cfg["backend"], "precision": plan.precision,

@@ -126,10 +126,15 @@ def _check_model(model: dict) -> None:
             )
 
 
+def tasks_per_node(launch: dict) -> int:
+    """Training processes per node: launch.tasks_per_node, else one per GPU, else one."""
+    return launch["tasks_per_node"] or launch["gpus_per_node"] or 1
+
+
 def _check_launch(train: dict, launch: dict) -> None:
     if train["backend"] == "ddp" and train["zero_stage"]:
         raise ConfigError("config key 'train.zero_stage': ZeRO needs train.backend: deepspeed")
-    gpus, tasks = launch["gpus_per_node"], launch["tasks_per_node"] or launch["gpus_per_node"] or 1
+    gpus, tasks = launch["gpus_per_node"], tasks_per_node(launch)
     if gpus and tasks != gpus:
         raise ConfigError(f"config key 'launch.tasks_per_node': {tasks} processes for {gpus} GPUs per node; "
                           "training runs one process per GPU (leave it null)")

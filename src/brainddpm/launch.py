@@ -33,7 +33,7 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from .checkpoint import read_requeues, write_requeues
-from .config import validate_config
+from .config import tasks_per_node, validate_config
 from .errors import BadInputError, BrainDDPMError, ConfigError
 from .fileio import atomic_path
 from .shards import training_split
@@ -44,11 +44,6 @@ log = logging.getLogger(__name__)
 
 
 # ---- before submission: checks, executors ----
-
-def tasks_per_node(launch: dict) -> int:
-    """Processes per node: launch.tasks_per_node, else one per GPU, else one."""
-    return launch["tasks_per_node"] or launch["gpus_per_node"] or 1
-
 
 def _train_split_size(shards_dir: Path) -> int:
     index = training_split(shards_dir) / "index.json"

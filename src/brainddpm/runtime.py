@@ -18,6 +18,7 @@ import signal
 import socket
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,19 +72,33 @@ def require_cuda(gpus_per_node: int) -> None:
                       "Set launch.gpus_per_node: 0 to train on CPUs on purpose")
 
 
-def setup_runtime(backend: str, gpus_per_node: int = 0, timeout_s: int = 600) -> tuple[Runtime, list[str]]:
-    """Pick the device and join the process group; returns the Runtime and the environment variables set here.
+@contextmanager
+def scoped_environment():
+    """Undo, on leaving, every change made to os.environ inside: the rendezvous defaults set here and the
+    variables Accelerate exports (RANK, LOCAL_WORLD_SIZE, ...), which would otherwise leak into later runs
+    in the same process and into the jobs it submits."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
+def setup_runtime(backend: str, gpus_per_node: int = 0, timeout_s: int = 600) -> Runtime:
+    """Pick the device and join the process group (call it inside `scoped_environment`).
 
     Without WORLD_SIZE in the environment the run is one process; it still joins a group of one for
-    DeepSpeed, which needs one. The caller removes the returned variables at the end.
+    DeepSpeed, which needs one.
     """
     require_cuda(gpus_per_node)
-    added = []
     if "WORLD_SIZE" not in os.environ:
         defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(free_port())}
-        added = [k for k in defaults if k not in os.environ]
-        os.environ.update({k: defaults[k] for k in added})
+        os.environ.update({k: v for k, v in defaults.items() if k not in os.environ})
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available() and gpus_per_node:
@@ -97,16 +112,14 @@ def setup_runtime(backend: str, gpus_per_node: int = 0, timeout_s: int = 600) ->
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # processes sharing this machine
         threads = max(1, len(os.sched_getaffinity(0)) // local_world)
         torch.set_num_threads(threads)
-        if "OMP_NUM_THREADS" not in os.environ:  # Accelerate would otherwise reset the thread count
-            os.environ["OMP_NUM_THREADS"] = str(threads)
-            added.append("OMP_NUM_THREADS")
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # Accelerate would otherwise reset the thread count
     owns = False
     if (world_size > 1 or backend == "deepspeed") and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
         owns = True
-    return Runtime(rank, world_size, local_rank, device, owns), added
+    return Runtime(rank, world_size, local_rank, device, owns)
 
 
 class StopSignal:

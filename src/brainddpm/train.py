@@ -76,7 +76,7 @@ from .fileio import atomic_path, sha256_file
 from .model import build_model, build_scheduler, diffusion_loss
 from .perf import autocast, device_name, flops_per_sample, mfu, peak_flops, peak_memory, use_bf16
 from .plots import plot_loss
-from .runtime import Runtime, StopSignal, TrainingInterrupted, setup_runtime
+from .runtime import Runtime, StopSignal, TrainingInterrupted, scoped_environment, setup_runtime
 from .shards import training_split
 
 log = logging.getLogger(__name__)
@@ -257,19 +257,18 @@ def train(cfg: dict, shards_dir: Path, out_dir: Path) -> dict:
     _setup_logging()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runtime, added_env = setup_runtime(cfg["train"]["backend"], cfg["launch"]["gpus_per_node"],
-                                       cfg["launch"]["collective_timeout_s"])
-    stop, cleanup = StopSignal(), ExitStack()
-    try:
-        return _train(cfg, Path(shards_dir), out_dir, runtime, stop, cleanup)
-    finally:
-        cleanup.close()
-        stop.restore()
-        # a group of one stays for later calls in this process: DeepSpeed caches its groups
-        if runtime.owns_group and runtime.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-        for key in added_env:
-            os.environ.pop(key, None)
+    with scoped_environment():
+        runtime = setup_runtime(cfg["train"]["backend"], cfg["launch"]["gpus_per_node"],
+                                cfg["launch"]["collective_timeout_s"])
+        stop, cleanup = StopSignal(), ExitStack()
+        try:
+            return _train(cfg, Path(shards_dir), out_dir, runtime, stop, cleanup)
+        finally:
+            cleanup.close()
+            stop.restore()
+            # a group of one stays for later calls in this process: DeepSpeed caches its groups
+            if runtime.owns_group and runtime.world_size > 1 and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _train(cfg: dict, shards_dir: Path, out_dir: Path, runtime: Runtime, stop: StopSignal,
