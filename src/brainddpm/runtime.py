@@ -189,7 +189,8 @@ def claim_gpu(lock_dir: Path | None = None) -> torch.device:
     held = [i for i, name in enumerate(names) if name in _CLAIMED]
     if held:
         return torch.device("cuda", held[0])
-    lock_dir = Path(lock_dir or os.environ.get("BRAINDDPM_GPU_LOCKS") or Path(tempfile.gettempdir()) / "brainddpm-gpus")
+    default = Path(tempfile.gettempdir()) / f"brainddpm-gpus-{os.getuid()}"  # per user: no foreign lock files
+    lock_dir = Path(lock_dir or os.environ.get("BRAINDDPM_GPU_LOCKS") or default)
     index = lock_first_free(names, lock_dir)
     if index is None:
         log.warning("all %d GPUs are held by other brainddpm processes; sharing cuda:0", n)
