@@ -1,7 +1,7 @@
 # brain-ddpm: two commands on a fresh machine.
 #   make demo   set up .venv and run the whole pipeline on the embedded synthetic demo cohort
 #   make test   set up .venv and run the test suite
-# GPU cluster: make install TORCH_INDEX=https://download.pytorch.org/whl/cu126  (see README)
+# GPU cluster: make install TORCH_INDEX=https://download.pytorch.org/whl/cu126  (see README; LEONARDO: envs/leonardo.sh)
 
 PYTHON       ?= python3
 VENV         ?= .venv
@@ -20,8 +20,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip setuptools wheel
-	# torch first and pinned, so nothing else pulls a different (CUDA) build
-	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	# torch first and pinned, so nothing else pulls a different (CUDA) build.  TORCH_INDEX is an EXTRA
+	# index: the CUDA wheel (2.13.0+cu126) outranks PyPI's 2.13.0, and torch's own dependencies stay on PyPI
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	# DeepSpeed's ops are JIT-compiled when needed; building in isolation would fetch another torch
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation deepspeed
 	$(BIN)/python -m pip install -q -e '.[test]'

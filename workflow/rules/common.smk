@@ -28,6 +28,15 @@ def stage_config(*sections):
     return dumps({k: config[k] for k in sections})
 
 
+def sampler_config(wildcards):
+    """The sample section as one sampler's jobs see it: without the list of samplers and the other
+    sampler's keys, so `sample.ddim_steps` reruns the DDIM parts only (not hours of DDPM parts)."""
+    sample = {**config["sample"], "samplers": [wildcards.sampler]}
+    if wildcards.sampler != "ddim":
+        sample.pop("ddim_steps", None)
+    return dumps({"sample": sample})
+
+
 def shard_files(wildcards):
     """Shards of one split, known once the split checkpoint has run."""
     from brainddpm.prepare import n_shards

@@ -14,7 +14,7 @@ rule fetch_fid_weights:
     log:
         f"{R}/logs/fetch_fid_weights.log",
     conda:
-        "../../envs/evaluate.yaml"
+        "../envs/brainddpm.yaml"
     shell:
         "brainddpm fetch-fid-weights --url {params.url:q} --out {output} 2> {log}"
 
@@ -32,10 +32,12 @@ rule features:
         real=lambda wc, input: os.path.dirname(input.real),
     resources:
         gpu_jobs=1,  # not `gpu`: the SLURM plugin would turn that into --gpus (profiles set gres)
+    benchmark:
+        f"{R}/benchmarks/evaluate/{RUN}-{{sampler}}-features.tsv"
     log:
         f"{R}/logs/evaluate/{RUN}-{{sampler}}-features.log",
     conda:
-        "../../envs/evaluate.yaml"
+        "../envs/brainddpm.yaml"
     shell:
         "brainddpm features --config-json {params.cfg:q} --real {params.real} --samples {input.samples} "
         "--out {output.inputs} --ids {output.ids} 2> {log}"
@@ -49,10 +51,12 @@ rule bootstrap:
     params:
         cfg=stage_config("seed", "evaluate"),
         part=lambda wc: int(wc.k),
+    benchmark:
+        f"{R}/benchmarks/evaluate/{RUN}-{{sampler}}-boot-{{k}}.tsv"
     log:
         f"{R}/logs/evaluate/{RUN}-{{sampler}}-boot-{{k}}.log",
     conda:
-        "../../envs/evaluate.yaml"
+        "../envs/brainddpm.yaml"
     shell:
         "brainddpm bootstrap --config-json {params.cfg:q} --inputs {input.inputs} --part {params.part} "
         "--out {output} 2> {log}"
@@ -65,10 +69,12 @@ rule gather_metrics:
         chunks=lambda wc: bootstrap_chunks(wc.sampler),
     output:
         f"{EVAL}/{{sampler}}/metrics.json",
+    benchmark:
+        f"{R}/benchmarks/evaluate/{RUN}-{{sampler}}-gather.tsv"
     log:
         f"{R}/logs/evaluate/{RUN}-{{sampler}}-gather.log",
     conda:
-        "../../envs/evaluate.yaml"
+        "../envs/brainddpm.yaml"
     shell:
         "brainddpm gather --inputs {input.inputs} --ids {input.ids} --chunks {input.chunks} --out {output} 2> {log}"
 
@@ -84,10 +90,12 @@ rule memorization:
         cfg=stage_config("seed", "evaluate"),
         train=lambda wc, input: os.path.dirname(input.train),
         real=lambda wc, input: os.path.dirname(input.real),
+    benchmark:
+        f"{R}/benchmarks/evaluate/{RUN}-memorization.tsv"
     log:
         f"{R}/logs/evaluate/{RUN}-memorization.log",
     conda:
-        "../../envs/evaluate.yaml"
+        "../envs/brainddpm.yaml"
     shell:
         "brainddpm memorization --config-json {params.cfg:q} --train {params.train} --real {params.real} "
         "--samples {input.samples} --out {output} 2> {log}"

@@ -8,10 +8,12 @@ rule demo_cohort:
         n=config["demo"]["n"],
         seed=config["demo"]["seed"],
         out=lambda wc, output: os.path.dirname(output.participants),
+    benchmark:
+        f"{R}/benchmarks/demo_cohort.tsv"
     log:
         f"{R}/logs/demo_cohort.log",
     conda:
-        "../../envs/prepare.yaml"
+        "../envs/brainddpm.yaml"
     shell:
         "brainddpm demo-cohort --n {params.n} --seed {params.seed} --out {params.out} "
         "--mosaic {params.out}/mosaic.png 2> {log}"
@@ -26,10 +28,12 @@ rule manifest:
     params:
         cfg=stage_config("datasets", "data"),
     threads: 4
+    benchmark:
+        f"{R}/benchmarks/manifest.tsv"
     log:
         f"{R}/logs/manifest.log",
     conda:
-        "../../envs/prepare.yaml"
+        "../envs/brainddpm.yaml"
     shell:
         "brainddpm manifest --config-json {params.cfg:q} --manifest {output.manifest} "
         "--excluded {output.excluded} --jobs {threads} 2> {log}"
@@ -42,10 +46,12 @@ checkpoint split:
         splits=f"{R}/splits.tsv",
     params:
         cfg=stage_config("data", "seed"),
+    benchmark:
+        f"{R}/benchmarks/split.tsv"
     log:
         f"{R}/logs/split.log",
     conda:
-        "../../envs/prepare.yaml"
+        "../envs/brainddpm.yaml"
     shell:
         "brainddpm split --config-json {params.cfg:q} --manifest {input.manifest} --out {output.splits} 2> {log}"
 
@@ -58,10 +64,12 @@ rule shard:
     params:
         cfg=stage_config("data"),
         index=lambda wc: int(wc.i),
+    benchmark:
+        f"{R}/benchmarks/shard/{{split}}-{{i}}.tsv"
     log:
         f"{R}/logs/shard/{{split}}-{{i}}.log",
     conda:
-        "../../envs/prepare.yaml"
+        "../envs/brainddpm.yaml"
     shell:
         "brainddpm shard --config-json {params.cfg:q} --splits {input.splits} --split {wildcards.split} "
         "--index {params.index} --out {output} 2> {log}"
@@ -72,10 +80,12 @@ rule shard_index:
         shard_files,
     output:
         f"{R}/shards/{{split}}/index.json",
+    benchmark:
+        f"{R}/benchmarks/shard/{{split}}-index.tsv"
     log:
         f"{R}/logs/shard/{{split}}-index.log",
     conda:
-        "../../envs/prepare.yaml"
+        "../envs/brainddpm.yaml"
     shell:
         "brainddpm index --split {wildcards.split} --shards {input} --out {output} 2> {log}"
 

@@ -25,10 +25,12 @@ rule report:
         real=lambda wc, input: os.path.dirname(input.real),
         run_dir=lambda wc, input: os.path.dirname(input.info),
         out=lambda wc, output: os.path.dirname(output.md),
+    benchmark:
+        f"{R}/benchmarks/report.tsv"
     log:
         f"{R}/logs/report.log",
     conda:
-        "../../envs/evaluate.yaml"
+        "../envs/brainddpm.yaml"
     shell:
         "brainddpm report --samplers {params.samplers} --metrics {input.metrics} "
         "--memorization {input.memorization} --samples {input.samples} --train {params.train} "

@@ -9,14 +9,16 @@ rule sample_part:
         nifti=directory(f"{SAMPLES}/{{sampler}}/nifti-{{part}}"),
         sheet=f"{SAMPLES}/{{sampler}}/part-{{part}}.png",
     params:
-        cfg=stage_config("sample"),
+        cfg=sampler_config,
         part=lambda wc: int(wc.part),
     resources:
         gpu_jobs=1,  # not `gpu`: the SLURM plugin would turn that into --gpus (profiles set gres)
+    benchmark:
+        f"{R}/benchmarks/sample/{RUN}-{{sampler}}-{{part}}.tsv"
     log:
         f"{R}/logs/sample/{RUN}-{{sampler}}-{{part}}.log",
     conda:
-        "../../envs/sample.yaml"
+        "../envs/brainddpm.yaml"
     shell:
         "brainddpm sample --config-json {params.cfg:q} --checkpoint {input.model} --sampler {wildcards.sampler} "
         "--part {params.part} --out {output.part} --nifti-dir {output.nifti} --sheet {output.sheet} 2> {log}"

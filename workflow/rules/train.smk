@@ -19,12 +19,19 @@ rule train:
         loss=f"{TRAIN_DIR}/loss.csv",
         plot=report(f"{TRAIN_DIR}/loss.png", caption="../report/loss.rst", category="Training"),
     params:
-        cfg=stage_config("run", "seed", "model", "scheduler", "train", "launch"),
+        cfg=stage_config("run", "seed", "model", "scheduler", "train"),
         shards=lambda wc, input: os.path.dirname(input.index),
         out=lambda wc, output: os.path.dirname(output.model),
+    resources:
+        # Where and how the job runs (nodes, qos, time, requeues, setup lines): like any resource it is
+        # not a rerun trigger, so a finished model is not retrained after such a change (params are).
+        launch=dumps(config["launch"]),
+    benchmark:
+        f"{R}/benchmarks/train/{RUN}.tsv"
     log:
         f"{R}/logs/train/{RUN}.log",
     conda:
-        "../../envs/train.yaml"
+        "../envs/brainddpm.yaml"
     shell:
-        "brainddpm train --config-json {params.cfg:q} --shards {params.shards} --out {params.out} 2> {log}"
+        "brainddpm train --config-json {params.cfg:q} --launch-json {resources.launch:q} "
+        "--shards {params.shards} --out {params.out} 2> {log}"
