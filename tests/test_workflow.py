@@ -108,6 +108,39 @@ def test_rerun_does_nothing_and_sampling_changes_rerun_only_downstream(demo_run)
     assert rules == {"sample_part", "features", "bootstrap", "gather_metrics", "memorization", "report", "all"}
 
 
+def _planned_jobs(proc) -> dict[str, int]:
+    out = proc.stdout + proc.stderr
+    if "Nothing to be done" in out:
+        return {}
+    return {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", out[out.index("Job stats:"):], flags=re.M)
+            if rule != "total"}
+
+
+@pytest.mark.slow
+def test_launch_and_the_other_samplers_keys_rerun_nothing_of_theirs(demo_run):
+    """Where the training job runs is not a rerun trigger (no retraining after a qos or node change),
+    and a key of one sampler reruns that sampler's parts only (not hours of the other's)."""
+    tmp, _ = demo_run
+    over = yaml.safe_load((tmp / "overrides.yaml").read_text())
+    over["launch"] = {"executor": "local", "qos": "other", "max_requeues": 3, "time_min": 60, "setup": ["true"],
+                      "collective_timeout_s": 60}
+    moved = tmp / "moved.yaml"
+    moved.write_text(yaml.safe_dump(over))
+    assert _planned_jobs(run_demo(tmp, extra=moved, dry=True)) == {}
+    over["sample"]["ddim_steps"] = 7
+    ddim = tmp / "ddim.yaml"
+    ddim.write_text(yaml.safe_dump(over))
+    proc = run_demo(tmp, extra=ddim, dry=True)
+    assert _planned_jobs(proc) == {"sample_part": 2, "features": 1, "bootstrap": 2, "gather_metrics": 1,
+                                   "report": 1, "all": 1}, proc.stdout[-3000:]
+    assert "wildcards: sampler=ddpm" not in proc.stdout + proc.stderr
+    # the training config itself still retrains
+    over["train"]["lr"] = 2e-3
+    lr = tmp / "lr.yaml"
+    lr.write_text(yaml.safe_dump(over))
+    assert _planned_jobs(run_demo(tmp, extra=lr, dry=True)).get("train") == 1
+
+
 @pytest.mark.slow
 def test_html_report(demo_run):
     tmp, _ = demo_run

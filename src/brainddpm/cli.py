@@ -67,9 +67,13 @@ def cmd_index(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from .config import validate_config
     from .launch import run_training
 
-    info = run_training(_config(args), args.shards, args.out)
+    cfg = _config(args)
+    if args.launch_json:  # the workflow passes `launch` apart: where a job runs does not retrain a model
+        cfg = validate_config({**cfg, "launch": json.loads(args.launch_json)}, partial=True)
+    info = run_training(cfg, args.shards, args.out)
     log.info("training finished: %s steps, final loss %s", info.get("steps"), info.get("final_loss"))
 
 
@@ -190,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "submitit: a SLURM job (launch.executor: slurm), local processes (local) or this "
                                    "process (inprocess). Resumes from the latest checkpoint in OUT.")
     _config_args(p)
+    p.add_argument("--launch-json", metavar="JSON",
+                   help="the `launch` section as JSON, apart from --config-json (the workflow passes it as a "
+                        "resource, so that changing where the job runs does not retrain a finished model)")
     p.add_argument("--shards", type=Path, required=True, help="training split folder (with index.json)")
     p.add_argument("--out", type=Path, required=True, help="run folder, e.g. results/train/reference")
     p.set_defaults(func=cmd_train)

@@ -175,6 +175,8 @@ def _check_msssim(ms: dict, target_shape) -> None:
 
 
 def _check_sample(smp: dict) -> None:
+    if "ddim" in smp["samplers"] and "ddim_steps" not in smp:
+        raise ConfigError("config key 'sample.ddim_steps': missing (the ddim sampler needs it)")
     n_batches = -(-smp["n"] // smp["batch"])
     if smp["jobs"] > n_batches:
         raise ConfigError(f"config key 'sample.jobs': {smp['jobs']} jobs but only {n_batches} batches of "

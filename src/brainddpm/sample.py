@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_final
-from .errors import BrainDDPMError
+from .errors import BrainDDPMError, ConfigError
 from .fileio import atomic_path, sha256_file
 from .model import build_ddim, build_scheduler
 from .nifti import save_volume
@@ -76,8 +76,10 @@ def denoise(model, scheduler, seeds: list[int], shape, device: torch.device, pro
     return x.clamp_(0.0, 1.0).cpu()
 
 
-def make_scheduler(config: dict, sampler: str, ddim_steps: int):
+def make_scheduler(config: dict, sampler: str, ddim_steps: int | None):
     if sampler == "ddim":
+        if ddim_steps is None:
+            raise ConfigError("config key 'sample.ddim_steps': missing (the ddim sampler needs it)")
         return build_ddim(config["scheduler"], ddim_steps)
     sch = build_scheduler(config["scheduler"])
     sch.set_timesteps(sch.num_train_timesteps)
@@ -91,7 +93,7 @@ def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out:
     model, config = load_final(checkpoint, device)
     shape = tuple(config["data"]["target_shape"])
     affine = np.asarray(config["data"]["affine"], dtype=np.float64)
-    scheduler = make_scheduler(config, sampler, sample_cfg["ddim_steps"])
+    scheduler = make_scheduler(config, sampler, sample_cfg.get("ddim_steps"))
     batches = part_batches(sample_cfg["n"], sample_cfg["batch"], sample_cfg["jobs"], part)
     log.info("%s: %d volumes in %d batches on %s, %d steps", sampler, sum(map(len, batches)), len(batches),
              device, len(scheduler.timesteps))
