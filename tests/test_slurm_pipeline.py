@@ -1,20 +1,25 @@
 """The whole workflow on the local SLURM test cluster, through profiles/ci-slurm (SLURM executor plugin).
 
-One module-scoped fixture drives three Snakemake runs of the demo preset (shrunk further) against the
+One module-scoped fixture drives four Snakemake runs of the demo preset (shrunk further) against the
 session cluster of tests/conftest.py (`slurm_cluster`, stopped at the end of the session):
 
-1. The full DAG.  Every rule but the localrules is a SLURM job of the plugin; `train` is a localrule under
-   launch.executor: slurm and submits the 2-task (DDP, gloo) training job `brainddpm-train-<run>` through
-   submitit.  Once that job is RUNNING and has written a checkpoint, the test sends it the time-limit
-   signal (`scancel --signal=USR2`, what submitit's `--signal=USR2@<launch.signal_delay_s>` asks SLURM to
-   send): it must checkpoint, requeue and finish resumed.  A fault injected into one sampling job (a
-   `brainddpm` wrapper first on PATH fails `brainddpm sample --sampler ddim --part 1` while a flag file
-   exists) makes this run fail on the cluster: Snakemake must name that job's SLURM log.
-2. The same command after removing the fault: it resumes at the failed job (that sampling part and what
+1. The full DAG.  Every rule but the localrules is a SLURM job of the plugin (the shards and the
+   bootstrap chunks as job arrays, as on LEONARDO); `train` is a localrule under launch.executor: slurm
+   and submits the 2-task (DDP, gloo) training job `brainddpm-train-<run>` through submitit.  Once that
+   job is RUNNING and has written a checkpoint, the test sends it the time-limit signal
+   (`scancel --signal=USR2`, what submitit's `--signal=USR2@<launch.signal_delay_s>` asks SLURM to send):
+   it must checkpoint, requeue and finish resumed.  At the same moment the login session "dies":
+   Snakemake's whole process group (Snakemake and the `brainddpm train` waiting for the job) is killed.
+2. The README's recovery ("My login session died"): `snakemake --unlock`, then the same command.  The
+   rerun must attach to the training job still in the queue (no second training job).  A fault injected
+   into one sampling job (a `brainddpm` wrapper first on PATH fails `brainddpm sample --sampler ddim
+   --part 1` while a flag file exists) makes this run fail on the cluster: Snakemake must name that
+   job's SLURM log.
+3. The same command after removing the fault: it resumes at the failed job (that sampling part and what
    depends on it) and redoes nothing that finished, training included.
-3. The same command again: nothing to be done, no new SLURM job.
+4. The same command again: nothing to be done, no new SLURM job.
 
-About 5 minutes on 2 idle cores, most of it the plugin's status polling: after each query that finds no
+About 6 minutes on 2 idle cores, most of it the plugin's status polling: after each query that finds no
 job finished it waits 10 s longer (queries at 2, 14, 36, 68 s with profiles/ci-slurm), so a sequential
 step costs 14 s while a SLURM job (two Snakemake starts plus the command) takes under ~13 s, and 36 s
 when it takes longer.  On failure the assertion messages carry the Snakemake output tail, the job records
@@ -26,6 +31,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,7 +54,9 @@ FAIL_PART = 1  # the sampling part whose job the injected fault breaks in run 1
 # evaluate.fid.weights: null), and the input-only target rules (`all`), which Snakemake runs itself.
 SLURM_RULES = {"demo_cohort", "manifest", "split", "shard", "shard_index", "sample_part", "features",
                "bootstrap", "gather_metrics", "memorization", "report"}
-# what run 2 redoes after the failed sampling part: that part and everything downstream of it
+# rules the profile submits as job arrays (profiles/ci-slurm: slurm-array-jobs)
+ARRAY_RULES = {"shard", "bootstrap"}
+# what run 3 redoes after the failed sampling part: that part and everything downstream of it
 RESUMED_RULES = {"sample_part", "features", "bootstrap", "gather_metrics", "memorization", "report"}
 
 
@@ -126,10 +134,16 @@ class Pipeline:
         self.runs: list[dict] = []  # per run: rc, output, log, new job ids
         self.kill: dict = {}
 
-    def cmd(self) -> list[str]:
+    def cmd(self, *extra: str) -> list[str]:
         return [sys.executable, "-m", "snakemake", "--profile", "profiles/ci-slurm",
                 "--slurm-logdir", str(self.slurm_logdir),
-                "--configfile", "config/config.yaml", "config/demo.yaml", str(self.over)]
+                "--configfile", "config/config.yaml", "config/demo.yaml", str(self.over), *extra]
+
+    def unlock(self) -> None:
+        """What the README says to do first after a killed Snakemake: it leaves its lock behind."""
+        proc = subprocess.run(self.cmd("--unlock"), cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
     def records(self, ids=None) -> list[dict]:
         recs = self.cluster.job_records()
@@ -152,16 +166,18 @@ class Pipeline:
         return "\n".join(out)
 
     def run(self, timeout: float, on_poll=None) -> dict:
-        """One Snakemake run in the background (so that on_poll can watch the cluster); waits for it."""
+        """One Snakemake run in the background (so that on_poll(process) can watch the cluster); waits for it.
+        Snakemake gets its own session, like a login shell: on_poll may kill the whole process group."""
         before = {r["job_id"] for r in self.records()}
         log = self.tmp / f"snakemake-{len(self.runs) + 1}.log"
         with open(log, "w") as f:
-            p = subprocess.Popen(self.cmd(), cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT)
+            p = subprocess.Popen(self.cmd(), cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
             deadline = time.time() + timeout
             try:
                 while p.poll() is None and time.time() < deadline:
                     if on_poll is not None:
-                        on_poll()
+                        on_poll(p)
                     time.sleep(0.5)
             finally:
                 if p.poll() is None:  # too slow: stop Snakemake (it cancels its SLURM jobs)
@@ -186,8 +202,10 @@ class Pipeline:
         jobs = [r for r in self.records(ids) if r.get("name") == f"brainddpm-train-{RUN}"]
         return jobs[-1] if jobs else None
 
-    def maybe_kill(self) -> None:
-        """Once the training job runs and has a valid checkpoint: the time-limit signal, once."""
+    def maybe_kill(self, snakemake: subprocess.Popen) -> None:
+        """Once the training job runs and has a valid checkpoint: the time-limit signal to it, once, and
+        the login session dies: Snakemake and everything it started locally (the waiting `brainddpm
+        train`) are SIGKILLed, with no chance to cancel or clean up anything."""
         from brainddpm.checkpoint import find_latest
 
         if self.kill:
@@ -199,6 +217,7 @@ class Pipeline:
         if latest is None:
             return
         r = self.cluster.run("scancel", "--signal=USR2", job["job_id"], check=False)
+        os.killpg(snakemake.pid, signal.SIGKILL)
         self.kill = {"job_id": job["job_id"], "checkpoint_step": int(latest.name.split("-")[1]),
                      "live_loss_steps": _loss_steps(self.train_dir / "checkpoints" / "loss.csv"),  # the live log
                      "rc": r.returncode, "stderr": r.stderr}
@@ -224,27 +243,33 @@ def _rule(record) -> str | None:
 @pytest.fixture(scope="module")
 def pipeline(slurm_cluster, tmp_path_factory):
     p = Pipeline(slurm_cluster, tmp_path_factory.mktemp("slurm-pipeline"))
-    # run 1: the whole DAG, training signalled mid-run, one sampling job broken
-    p.flag.touch()
+    p.flag.touch()  # one sampling job will fail (run 2)
+    # run 1: the whole DAG; training signalled mid-run, and Snakemake killed at that moment
     r1 = p.run(timeout=480, on_poll=p.maybe_kill)
-    p.after_run1 = {name: (p.train_dir / name).stat().st_mtime_ns
-                    for name in ("train.json", "model.safetensors", "loss.csv") if (p.train_dir / name).exists()}
+    if not p.kill or r1["rc"] != -signal.SIGKILL:
+        raise AssertionError(f"run 1 should have been killed mid-training (rc={r1['rc']})\n" + p.diagnostics(1))
+    # run 2: unlock and rerun; attaches to the training job, then fails at the injected fault
+    p.unlock()
+    r2 = p.run(timeout=480)
+    p.after_train = {name: (p.train_dir / name).stat().st_mtime_ns
+                     for name in ("train.json", "model.safetensors", "loss.csv") if (p.train_dir / name).exists()}
+    p.train_log_text = _tail(p.res / "logs" / "train" / f"{RUN}.log", 200)
     p.failed_rule_log = p.res / "logs" / "sample" / f"{RUN}-{SAMPLER}-{FAIL_PART:03d}.log"
     p.failed_rule_log_text = p.failed_rule_log.read_text(errors="replace") if p.failed_rule_log.exists() else ""
-    if r1["rc"] == 0 or not p.after_run1:
-        raise AssertionError(f"run 1 should have trained, then failed at the injected fault (rc={r1['rc']})\n"
-                             + p.diagnostics(1))
-    # run 2: fault removed; resumes at the failed job
+    if r2["rc"] == 0 or not p.after_train:
+        raise AssertionError(f"run 2 should have finished training, then failed at the injected fault "
+                             f"(rc={r2['rc']})\n" + p.diagnostics(2))
+    # run 3: fault removed; resumes at the failed job
     p.flag.unlink()
     p.run(timeout=360)
-    # run 3: nothing left
+    # run 4: nothing left
     p.run(timeout=120)
     return p
 
 
 def test_pipeline_finishes_with_a_report(pipeline):
-    r2 = pipeline.runs[1]
-    assert r2["rc"] == 0, "the resumed run failed\n" + pipeline.diagnostics(2)
+    r3 = pipeline.runs[2]
+    assert r3["rc"] == 0, "the resumed run failed\n" + pipeline.diagnostics(3)
     report = pipeline.res / "report"
     for name in ("report.md", "metrics.md", "metrics.json", "slices.png", "memorization.png"):
         assert (report / name).stat().st_size > 100, name
@@ -276,14 +301,20 @@ def test_every_stage_ran_as_a_slurm_job(pipeline):
     # `train` is a localrule: no plugin job; training itself is the one submitit job
     train_jobs = [r for r in recs if r["name"] == f"brainddpm-train-{RUN}"]
     assert len(train_jobs) == 1 and train_jobs[0]["state"] == "COMPLETED", diag
-    # every job of the plugin left its log where the profile keeps it
+    # the many small jobs went as job arrays: one sbatch call per rule and ready batch
+    for rule in ARRAY_RULES:
+        tasks = completed[rule]
+        assert all(t["array_job_id"] for t in tasks), rule + diag
+        assert len({t["array_job_id"] for t in tasks}) < len(tasks), rule + diag
+    # every job of the plugin left its log where the profile keeps it (%A_%a.log for array tasks)
     for r in recs:
         if _rule(r):
-            assert list(pipeline.slurm_logdir.glob(f"rule_{_rule(r)}/**/{r['job_id']}.log")), r
+            name = f"{r['array_job_id']}_{r['array_task_id']}" if r.get("array_task_id") else r["job_id"]
+            assert list(pipeline.slurm_logdir.glob(f"rule_{_rule(r)}/**/{name}.log")), r
 
 
 def test_killed_training_checkpoints_requeues_and_resumes(pipeline):
-    kill, diag = pipeline.kill, "\n" + pipeline.diagnostics(1)
+    kill, diag = pipeline.kill, "\n" + pipeline.diagnostics(2)
     assert kill, "the training job was never seen RUNNING with a checkpoint" + diag
     assert kill["rc"] == 0, kill
     info = json.loads((pipeline.train_dir / "train.json").read_text())
@@ -301,15 +332,27 @@ def test_killed_training_checkpoints_requeues_and_resumes(pipeline):
     assert "preemption signal; checkpoint saved" in logs and "requeuing training" in logs, logs[-3000:]
 
 
+def test_rerun_after_the_login_session_died_attaches_to_the_training_job(pipeline):
+    """Snakemake was killed while the training job ran: the rerun waited for that same job (one training
+    job id for the whole run, see test_every_stage_ran_as_a_slurm_job) and trained nothing itself."""
+    kill = pipeline.kill
+    assert f"attaching to training job {kill['job_id']}" in pipeline.train_log_text, pipeline.train_log_text
+    assert json.loads((pipeline.train_dir / "job.json").read_text())["job_id"] == kill["job_id"]
+    submissions = list((pipeline.train_dir / "slurm").glob("*_submission.sh"))
+    assert len(submissions) == 1, submissions
+    ids = set().union(*(r["new"] for r in pipeline.runs))
+    assert [r["job_id"] for r in pipeline.records(ids) if r["name"] == f"brainddpm-train-{RUN}"] == [kill["job_id"]]
+
+
 def test_failed_job_names_its_slurm_log(pipeline):
-    r1 = pipeline.runs[0]
-    failed = [r for r in pipeline.records(r1["new"]) if r["state"] == "FAILED"]
-    assert len(failed) == 1 and _rule(failed[0]) == "sample_part", _records_table(pipeline.records(r1["new"]))
+    r2 = pipeline.runs[1]
+    failed = [r for r in pipeline.records(r2["new"]) if r["state"] == "FAILED"]
+    assert len(failed) == 1 and _rule(failed[0]) == "sample_part", _records_table(pipeline.records(r2["new"]))
     assert failed[0]["comment"] == f"rule_sample_part_wildcards_{SAMPLER}_{FAIL_PART:03d}", failed[0]
     job_id = failed[0]["job_id"]
     logs = list(pipeline.slurm_logdir.glob(f"rule_sample_part/**/{job_id}.log"))
     assert len(logs) == 1, sorted(pipeline.slurm_logdir.rglob("*.log"))
-    out = r1["output"]
+    out = r2["output"]
     # Snakemake's error report for the job: the SLURM job id and state, the rule's log and the SLURM log
     assert "Error in rule sample_part:" in out, out[-4000:]
     error = out[out.index("Error in rule sample_part:"):]
@@ -318,7 +361,7 @@ def test_failed_job_names_its_slurm_log(pipeline):
     log_line = next((line for line in error.splitlines() if line.strip().startswith("log:")), "")
     assert str(pipeline.failed_rule_log) in log_line and str(logs[0]) in log_line, error
     assert f"external_jobid: {job_id}" in error, error
-    # the rule's log (as run 1 left it; run 2 rewrote it) has the failing command's stderr,
+    # the rule's log (as run 2 left it; run 3 rewrote it) has the failing command's stderr,
     # the SLURM log the job step's (Snakemake inside the job) report
     assert f"injected failure (tests/test_slurm_pipeline.py) in job {job_id}" in pipeline.failed_rule_log_text
     assert "Error in rule sample_part:" in logs[0].read_text(errors="replace")
@@ -327,22 +370,22 @@ def test_failed_job_names_its_slurm_log(pipeline):
 
 
 def test_rerun_resumes_without_redoing_finished_stages(pipeline):
-    r2 = pipeline.runs[1]
-    recs = pipeline.records(r2["new"])
-    diag = "\n" + _records_table(recs) + "\n" + r2["output"][-3000:]
-    assert r2["rc"] == 0, diag
+    r3 = pipeline.runs[2]
+    recs = pipeline.records(r3["new"])
+    diag = "\n" + _records_table(recs) + "\n" + r3["output"][-3000:]
+    assert r3["rc"] == 0, diag
     assert {_rule(r) for r in recs} == RESUMED_RULES, diag  # no cohort, manifest, split, shard, training job
     sample_jobs = [r for r in recs if _rule(r) == "sample_part"]
     assert len(sample_jobs) == 1 and f"_{FAIL_PART:03d}" in sample_jobs[0]["comment"], diag
-    assert pipeline.training_job(r2["new"]) is None, diag
-    now = {name: (pipeline.train_dir / name).stat().st_mtime_ns for name in pipeline.after_run1}
-    assert now == pipeline.after_run1  # training's outputs untouched
+    assert pipeline.training_job(r3["new"]) is None, diag
+    now = {name: (pipeline.train_dir / name).stat().st_mtime_ns for name in pipeline.after_train}
+    assert now == pipeline.after_train  # training's outputs untouched
 
 
 def test_rerun_of_a_finished_pipeline_does_nothing(pipeline):
-    r3 = pipeline.runs[2]
-    assert r3["rc"] == 0 and "Nothing to be done" in r3["output"], r3["output"][-3000:]
-    assert not r3["new"], _records_table(pipeline.records(r3["new"]))
+    r4 = pipeline.runs[3]
+    assert r4["rc"] == 0 and "Nothing to be done" in r4["output"], r4["output"][-3000:]
+    assert not r4["new"], _records_table(pipeline.records(r4["new"]))
     # no job of ours is left queued or running on the cluster
     left = pipeline.cluster.run("squeue", "-h", "-o", "%i %j %T %k").stdout.strip()
     assert not left, left
