@@ -20,15 +20,8 @@ def _slurm_helper():
     return cluster
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """A running SLURM cluster (tests.slurm.cluster.Cluster).
-
-    .env        environment for subprocesses (SLURM_CONF, PATH); pass env=
-    .conf       path of its slurm.conf; .partition == "debug"; .cpus
-    .run(*cmd)  run a SLURM client command; .sbatch(*args) -> job id
-    .wait_job(job_id) -> final state; .job_records() -> list of dicts
-    """
+def _start_cluster(workdir, **kwargs):
+    """Start a test cluster, or skip with the reason (fail with CI=true, where SLURM is required)."""
     helper = _slurm_helper()
     required = os.environ.get("CI") == "true"
 
@@ -41,9 +34,33 @@ def slurm_cluster(tmp_path_factory):
     if reason:
         unavailable(reason)
     try:
-        cluster = helper.start(tmp_path_factory.mktemp("slurm"))
+        return helper.start(workdir, **kwargs)
     except helper.SlurmUnavailable as e:
         unavailable(str(e))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A running SLURM cluster (tests.slurm.cluster.Cluster).
+
+    .env        environment for subprocesses (SLURM_CONF, PATH); pass env=
+    .conf       path of its slurm.conf; .partition == "debug"; .cpus
+    .run(*cmd)  run a SLURM client command; .sbatch(*args) -> job id
+    .wait_job(job_id) -> final state; .job_records() -> list of dicts
+    """
+    cluster = _start_cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes(tmp_path_factory):
+    """A 2-node SLURM cluster (node1, node2), each slurmd in its own network namespace on a private
+    bridge (tests/slurm/cluster.py, PrivateNetwork); .nodes, .network and the rest as slurm_cluster.
+    It does not claim /run/slurm/conf, so it may run next to the session's one-node cluster."""
+    cluster = _start_cluster(tmp_path_factory.mktemp("slurm2"), nodes=2)
     try:
         yield cluster
     finally:

@@ -53,6 +53,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from contextlib import ExitStack, nullcontext
@@ -303,6 +304,8 @@ def _train(cfg: dict, shards_dir: Path, out_dir: Path, runtime: Runtime, stop: S
     found = _broadcast_int(found, runtime)
     if found >= 0:
         _resume(ckpt_root / f"step-{found:08d}", cfg, runtime, engine, ema, generator, index_sha, progress)
+    log.info("rank %d of %d on node %s, device %s", runtime.rank, runtime.world_size,
+             os.environ.get("SLURMD_NODENAME") or socket.gethostname(), runtime.device)
     if runtime.rank == 0:
         _prepare_csv(ckpt_root / "loss.csv", progress.step)
         log.info("training %s on %d process(es), %s, %s: %d steps of %d volumes (%d steps per epoch), from step %d",

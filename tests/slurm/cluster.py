@@ -49,6 +49,26 @@ with no systemd and no cgroup plugins):
   "Bypassing sacct error").
 * ``AuthInfo=...,cred_expire=10``: a requeued job may start again after 10 s
   instead of the default 120 s.
+
+Several nodes (``start(..., nodes=2)``): emulated with Linux network
+namespaces, so that each slurmd has an address of its own and a multi-node job
+really crosses a network (facts behind this design:
+../shared/notes/multinode-slurm-on-one-machine.md).  ``PrivateNetwork``
+creates a bridge with a private /24 in the root namespace and one namespace
+per node, each with a veth interface of the same name (``IFACE``: one
+``GLOO_SOCKET_IFNAME`` fits all nodes) and its own address; nothing is routed
+anywhere else.  Each slurmd runs ``nsenter --net=/run/netns/<ns>`` (not ``ip
+netns exec``, which remounts /sys and breaks slurmd) inside a private mount
+namespace whose /etc/hosts is a bind-mounted file naming every node and
+mapping this machine's hostname to the node's own address; the jobs inherit
+both, so ``MASTER_ADDR`` (the first node's name) resolves there.  slurmctld
+stays in the root namespace, listening on the bridge address
+(``SlurmctldHost=<real hostname>(<bridge address>)``: slurmctld insists on the
+machine's hostname).  One slurm.conf serves every slurmd (``-N <node>``; ``%n``
+keeps spool, pid and log files apart) and one munged serves them all (a Unix
+socket crosses network namespaces).  Such a cluster does not claim
+/run/slurm/conf (the Snakemake plugin is not used on it), so it can run next to
+the one-node session cluster.
 """
 
 from __future__ import annotations
@@ -83,6 +103,11 @@ BINARIES = {
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 PARTITION = "debug"
 NODE = "localhost"
+# several nodes: network namespaces on a private bridge (PrivateNetwork)
+NETNS_PREFIX = "bddpm-node"
+BRIDGE = "bddpm-br0"
+IFACE = "bddpm0"            # the interface name inside every node's namespace
+SUBNET = "10.213.77"        # /24; .1 is the bridge (slurmctld), .11, .12, ... the nodes
 # Where SLURM 22.05 clients look for slurm.conf when SLURM_CONF is not set:
 # /etc/slurm/slurm.conf, then /run/slurm/conf/slurm.conf (configless slurmd's cache).
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
@@ -194,15 +219,27 @@ def slurm_conf(
     cluster_name: str = "brainddpm-ci",
     gres: str | None = None,
     extra_partitions: tuple[str, ...] = (),
+    network: "PrivateNetwork | None" = None,
 ) -> str:
     w = workdir
     node_gres = f" Gres={gres}" if gres else ""
     gres_types = f"GresTypes={gres.split(':')[0]}\n" if gres else ""
-    extra = "".join(f"PartitionName={p} Nodes={NODE} MaxTime=INFINITE State=UP\n" for p in extra_partitions)
+    if network is None:
+        ctld_host = f"{NODE}(127.0.0.1)"
+        node_lines = f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={real_memory_mb}{node_gres} State=UNKNOWN\n"
+        node_list, what = NODE, "a one-node test cluster on localhost"
+    else:
+        ctld_host = f"{socket.gethostname()}({network.bridge_addr})"
+        node_lines = "".join(f"NodeName={name} NodeAddr={addr} CPUs={cpus} RealMemory={real_memory_mb} State=UNKNOWN\n"
+                             for name, addr in network.nodes)
+        node_list = ",".join(name for name, _ in network.nodes)
+        what = f"a {len(network.nodes)}-node test cluster in network namespaces"
+    per_node = "/%n" if network is not None else ""
+    extra = "".join(f"PartitionName={p} Nodes={node_list} MaxTime=INFINITE State=UP\n" for p in extra_partitions)
     return f"""\
-# Written by tests/slurm/cluster.py: a one-node test cluster on localhost.
+# Written by tests/slurm/cluster.py: {what}.
 ClusterName={cluster_name}
-SlurmctldHost={NODE}(127.0.0.1)
+SlurmctldHost={ctld_host}
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -212,11 +249,11 @@ CredType=cred/munge
 # own munge socket; cred_expire: how long a requeued job waits before it may start again
 AuthInfo=socket={w}/munge/munge.socket,cred_expire=10
 StateSaveLocation={w}/state
-SlurmdSpoolDir={w}/spool
+SlurmdSpoolDir={w}/spool{per_node}
 SlurmctldPidFile={w}/run/slurmctld.pid
-SlurmdPidFile={w}/run/slurmd.pid
+SlurmdPidFile={w}/run/slurmd{per_node.replace("/", "-")}.pid
 SlurmctldLogFile={w}/log/slurmctld.log
-SlurmdLogFile={w}/log/slurmd.log
+SlurmdLogFile={w}/log/slurmd{per_node.replace("/", "-")}.log
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig={w}/plugstack.conf
@@ -246,9 +283,85 @@ SlurmdTimeout=60
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={w}/jobcomp.txt
-{gres_types}NodeName={NODE} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={real_memory_mb}{node_gres} State=UNKNOWN
-PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
+{gres_types}{node_lines}PartitionName={PARTITION} Nodes={node_list} Default=YES MaxTime=INFINITE State=UP
 {extra}"""
+
+
+
+# --------------------------------------------------------------------------- network (several nodes)
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+
+
+@dataclass
+class PrivateNetwork:
+    """A bridge with a private /24 in the root namespace and one network namespace per node.
+
+    nodes: (name, address) per node; node i lives in namespace f"{NETNS_PREFIX}{i}" on interface IFACE.
+    Nothing is routed beyond the bridge: the namespaces have no default route.
+    """
+
+    nodes: list
+    bridge_addr: str = f"{SUBNET}.1"
+    up: bool = False
+
+    @staticmethod
+    def namespace(i: int) -> str:
+        return f"{NETNS_PREFIX}{i + 1}"
+
+    @classmethod
+    def create(cls, n: int) -> "PrivateNetwork":
+        if shutil.which("ip") is None:
+            raise SlurmUnavailable("several SLURM nodes need network namespaces: `ip` (iproute2) is missing")
+        cleanup_stale_network()
+        net = cls(nodes=[(f"node{i + 1}", f"{SUBNET}.{11 + i}") for i in range(n)])
+        try:
+            _ip("link", "add", BRIDGE, "type", "bridge")
+            net.up = True
+            _ip("addr", "add", f"{net.bridge_addr}/24", "dev", BRIDGE)
+            _ip("link", "set", BRIDGE, "up")
+            for i, (_, addr) in enumerate(net.nodes):
+                ns, veth = cls.namespace(i), f"bddpm-v{i + 1}"
+                _ip("netns", "add", ns)
+                _ip("link", "add", veth, "type", "veth", "peer", "name", IFACE, "netns", ns)
+                _ip("link", "set", veth, "master", BRIDGE, "up")
+                _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", IFACE)
+                _ip("-n", ns, "link", "set", IFACE, "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+        except subprocess.CalledProcessError as e:
+            net.teardown()
+            raise SlurmUnavailable(f"cannot build the private network: {' '.join(e.cmd)}: {e.stderr.strip()}") from None
+        return net
+
+    def hosts_file(self, i: int) -> str:
+        """/etc/hosts as node i sees it: every node, and this machine's hostname as node i itself."""
+        lines = ["127.0.0.1 localhost"]
+        for j, (name, addr) in enumerate(self.nodes):
+            lines.append(f"{addr} {name}" + (f" {socket.gethostname()}" if j == i else ""))
+        return "\n".join(lines) + "\n"
+
+    def teardown(self) -> None:
+        """Delete the namespaces and the bridge (the veth pairs go with them). Idempotent."""
+        for i in range(len(self.nodes)):
+            _ip("netns", "del", self.namespace(i), check=False)
+        if self.up:
+            _ip("link", "del", BRIDGE, check=False)
+            self.up = False
+
+
+def cleanup_stale_network() -> None:
+    """What a killed earlier run left behind: our namespaces (their processes first) and bridge."""
+    listed = _ip("netns", "list", check=False).stdout.split()
+    for ns in [x for x in listed if x.startswith(NETNS_PREFIX)]:
+        pids = _ip("netns", "pids", ns, check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        _ip("netns", "del", ns, check=False)
+    if _ip("link", "show", BRIDGE, check=False).returncode == 0:
+        _ip("link", "del", BRIDGE, check=False)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -266,6 +379,8 @@ class Cluster:
     procs: dict = field(default_factory=dict)  # name -> Popen
     marker: str = ""
     partition: str = PARTITION
+    nodes: tuple = (NODE,)
+    network: PrivateNetwork | None = None
     run_conf_claimed: bool = False
     _logfiles: list = field(default_factory=list, repr=False)
 
@@ -280,8 +395,8 @@ class Cluster:
         return out.split(";")[0]
 
     def node_state(self) -> str:
-        """The node's state as sinfo prints it (idle, mix, alloc, drain, down*, ...)."""
-        r = self.run("sinfo", "-h", "-N", "-n", NODE, "-o", "%t", check=False, timeout=20)
+        """The nodes' states as sinfo prints them (idle, mix, alloc, drain, down*, ...; "idle" when all are)."""
+        r = self.run("sinfo", "-h", "-N", "-n", ",".join(self.nodes), "-o", "%t", check=False, timeout=20)
         states = sorted(set(r.stdout.split())) if r.returncode == 0 else []  # one line per partition
         return ",".join(states)
 
@@ -304,8 +419,8 @@ class Cluster:
 
     def logs_tail(self, n: int = 20) -> str:
         out = []
-        for name in ("munged.log", "slurmctld.log", "slurmd.log"):
-            p = self.workdir / "log" / name
+        for p in [self.workdir / "log" / n for n in ("munged.log", "slurmctld.log")] + sorted(
+                (self.workdir / "log").glob("slurmd*.log")):
             if p.exists():
                 lines = p.read_text(errors="replace").splitlines()[-n:]
                 out.append(f"--- {p} ---\n" + "\n".join(lines))
@@ -319,7 +434,8 @@ class Cluster:
 
     # ------------------------------------------------------------------ stop
     def stop(self, timeout: float = 30) -> None:
-        """Cancel all jobs, stop slurmd, slurmctld and munged, kill leftovers. Idempotent."""
+        """Cancel all jobs, stop slurmd(s), slurmctld and munged, kill leftovers, remove the private
+        network. Idempotent."""
         try:
             if self.procs:
                 self._stop_daemons(timeout)
@@ -327,6 +443,8 @@ class Cluster:
             if self.run_conf_claimed:
                 _release_run_conf(self.conf)
                 self.run_conf_claimed = False
+            if self.network is not None:
+                self.network.teardown()
 
     def _stop_daemons(self, timeout: float) -> None:
         ctld = self.procs.get("slurmctld")
@@ -341,7 +459,8 @@ class Cluster:
                         if r.returncode != 0 or not r.stdout.split():
                             break
                         time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = [n for n in self.procs if n.startswith("slurmd")]
+        for name in (*slurmds, "slurmctld", "munged"):
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
                 continue
@@ -486,8 +605,13 @@ def start(
     claim_run_conf: bool = True,
     gres: str | None = None,
     extra_partitions: tuple[str, ...] = (),
+    nodes: int = 1,
 ) -> Cluster:
     """Start munged, slurmctld and slurmd with config and state under `workdir`.
+
+    nodes: 1 (one node `localhost`, the default) or more: nodes node1..nodeN, each slurmd in its own
+      network namespace (PrivateNetwork; module docstring).  Such a cluster never claims
+      /run/slurm/conf (claim_run_conf is ignored).
 
     cpus: CPUs the node advertises (default: $BRAINDDPM_SLURM_CPUS, else 4).
       SLURM is told this number regardless of the real core count
@@ -511,7 +635,9 @@ def start(
     if len(str(w / "munge" / "munge.socket")) > 100:  # AF_UNIX path limit is 108
         raise SlurmUnavailable(f"workdir path too long for a unix socket: {w}")
     if cpus is None:
-        cpus = int(os.environ.get("BRAINDDPM_SLURM_CPUS", "4"))
+        cpus = int(os.environ.get("BRAINDDPM_SLURM_CPUS", "4" if nodes == 1 else "2"))
+    if nodes > 1:
+        claim_run_conf = False
     if real_memory_mb is None:
         real_memory_mb = max(1024, min(16384, _mem_total_mb() // 2))
     for sub in ("munge", "state", "spool", "run", "log"):
@@ -522,11 +648,12 @@ def start(
         _write_munge_key(key)
     (w / "plugstack.conf").write_text("")
     ctld_port, slurmd_port = _free_ports(2)
+    network = PrivateNetwork.create(nodes) if nodes > 1 else None
     conf = w / "slurm.conf"
     conf.write_text(
         slurm_conf(w, cpus=cpus, real_memory_mb=real_memory_mb, ctld_port=ctld_port,
                    slurmd_port=slurmd_port, min_job_age=min_job_age, gres=gres,
-                   extra_partitions=tuple(extra_partitions))
+                   extra_partitions=tuple(extra_partitions), network=network)
     )
     if gres:  # fake devices: any character device will do without cgroups
         name, _, count = gres.rpartition(":")
@@ -543,7 +670,8 @@ def start(
     env["PATH"] = os.pathsep.join(path)
     daemon_env = dict(env, BRAINDDPM_SLURM_CLUSTER=marker)
 
-    c = Cluster(workdir=w, conf=conf, env=env, cpus=cpus, real_memory_mb=real_memory_mb, marker=marker)
+    c = Cluster(workdir=w, conf=conf, env=env, cpus=cpus, real_memory_mb=real_memory_mb, marker=marker,
+                nodes=tuple(name for name, _ in network.nodes) if network else (NODE,), network=network)
     if claim_run_conf:
         _claim_run_conf(conf)
         c.run_conf_claimed = True
@@ -567,13 +695,31 @@ def start(
         spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(conf)])
         _wait_for(lambda: c.run("scontrol", "ping", check=False, timeout=10).stdout.find("UP") >= 0,
                   timeout, "slurmctld to answer `scontrol ping`", c)
-        spawn("slurmd", [_which("slurmd"), "-D", "-N", NODE, "-f", str(conf)])
-        _wait_for(lambda: c.node_state() in ("idle", "mix", "alloc"), timeout, "the node to be idle in sinfo", c)
+        if network is None:
+            spawn("slurmd", [_which("slurmd"), "-D", "-N", NODE, "-f", str(conf)])
+        for i, (name, _) in enumerate(network.nodes if network else []):
+            (w / "spool" / name).mkdir(parents=True, exist_ok=True)
+            hosts = w / "run" / f"hosts-{name}"
+            hosts.write_text(network.hosts_file(i))
+            # the node's network namespace, and a private mount namespace with its own /etc/hosts
+            spawn(f"slurmd-{name}", [
+                _which_any("nsenter"), f"--net=/run/netns/{network.namespace(i)}",
+                _which_any("unshare"), "--mount", "--propagation", "private",
+                "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
+                _which("slurmd"), "-D", "-N", name, "-f", str(conf)])
+        _wait_for(lambda: c.node_state() in ("idle", "mix", "alloc"), timeout, "the nodes to be idle in sinfo", c)
     except BaseException:
         c.stop()
         raise
     atexit.register(c.stop)  # in case the caller never gets to stop() (stop is idempotent)
     return c
+
+
+def _which_any(name: str) -> str:
+    path = shutil.which(name) or _which(name)
+    if not path:
+        raise SlurmUnavailable(f"{name} (util-linux) is missing: needed for several SLURM nodes")
+    return path
 
 
 def _wait_for(pred, timeout: float, what: str, c: Cluster) -> None:
