@@ -1,6 +1,7 @@
 # brain-ddpm: two commands on a fresh machine.
 #   make demo   set up .venv and run the whole pipeline on the embedded synthetic demo cohort
 #   make test   set up .venv and run the test suite
+#   make demo-conditional   the demo with a model conditioned on age and sex (classifier-free guidance)
 # GPU cluster: make install TORCH_INDEX=https://download.pytorch.org/whl/cu126  (see README; LEONARDO: envs/leonardo.sh)
 
 PYTHON       ?= python3
@@ -13,7 +14,7 @@ SNAKE_ARGS   ?=
 PYTEST_ARGS  ?=
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo demo-conditional test lint clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +33,10 @@ demo: install
 	snakemake --profile $(PROFILE) --configfile config/config.yaml config/demo.yaml $(SNAKE_ARGS)
 	@echo "Report: results/demo/report/report.md  (HTML: make demo SNAKE_ARGS='--report results/demo/report.html')"
 
+demo-conditional: install
+	snakemake --profile $(PROFILE) --configfile config/config.yaml config/demo.yaml config/demo-conditional.yaml $(SNAKE_ARGS)
+	@echo "Report: results/demo-conditional/report/report.md (section 'Conditioning')"
+
 test: install
 	pytest $(PYTEST_ARGS)
 
@@ -39,4 +44,4 @@ lint: install
 	snakemake --lint --configfile config/config.yaml config/demo.yaml
 
 clean:
-	rm -rf results/demo resources/demo .snakemake
+	rm -rf results/demo resources/demo results/demo-conditional resources/demo-conditional .snakemake

@@ -85,3 +85,37 @@ def test_trained_model_generates_volumes_like_held_out_data(tmp_path):
     assert d_trained < 0.1 * d_untrained, report
     assert d_trained < 0.25 * d_wrong, report  # the check itself tells a right sampler from a wrong one
     assert d_trained < 10 * floor + 1e-3, report
+
+
+@pytest.mark.slow  # about a minute on 2 cores
+def test_conditional_model_shows_the_requested_age(tmp_path):
+    """Trained briefly on volumes whose ventricles widen with age, a model conditioned on age (classifier-free
+    guidance) must give volumes asked for age 80 larger ventricles than those asked for age 25."""
+    from test_condition_check import COND, aging_brains, write_split
+
+    from brainddpm.condition_check import ventricle_fraction
+    from brainddpm.sample import run_condition_plan
+
+    rng = np.random.default_rng(0)
+    ages = rng.uniform(20, 85, 32)
+    covariates = [{"age": float(a), "sex": "FM"[i % 2]} for i, a in enumerate(ages)]
+    write_split(tmp_path / "train", aging_brains(ages, seed=0), covariates)
+    write_split(tmp_path / "val", aging_brains([30.0, 70.0], seed=1), covariates[:2], split="val")
+    cfg = deep_merge(tiny_config(max_steps=250, micro_batch=4, lr=2e-3, ema_decay=0.99, checkpoint_every=1000),
+                     {"model": {"channels": [16, 16, 32], "num_head_channels": 32},
+                      "scheduler": {"prediction_type": "v_prediction"}, "condition": COND})
+    from brainddpm.train import train
+
+    train(cfg, tmp_path / "train", tmp_path / "run")
+    model_file = tmp_path / "run" / "model.safetensors"
+    sample_cfg = {**cfg["sample"], "n": 8, "batch": 8, "jobs": 1, "device": "cpu", "ddim_steps": 25}
+    run_condition_plan({"n": 8, "conditions": [{"age": 25, "n": 4}, {"age": 80, "n": 4}], "guidance_scale": 3.0},
+                       model_file, tmp_path / "val", tmp_path / "conditions.json")
+    out = tmp_path / "samples" / "part-000.h5"
+    run_sample(sample_cfg, model_file, "ddim", 0, out, tmp_path / "samples" / "nifti", plan_path=tmp_path / "conditions.json")
+    with h5py.File(out) as f:
+        vols = f["images"][()][:, 0]
+    young, old = [np.mean([ventricle_fraction(v) for v in part]) for part in (vols[:4], vols[4:])]
+    real_young, real_old = [ventricle_fraction(v[0]) for v in aging_brains([25.0, 80.0], seed=5)]
+    report = f"synthetic: age 25 {young:.4f}, age 80 {old:.4f}; real: {real_young:.4f}, {real_old:.4f}"
+    assert old - young > 0.5 * (real_old - real_young), report

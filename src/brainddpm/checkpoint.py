@@ -289,18 +289,12 @@ def save_final(path: Path, weights: dict[str, torch.Tensor], config: dict, step:
         os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; others in the project group read it
 
 
-def load_final(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the trained network from ``model.safetensors`` alone: (model in eval mode, config dict).
-
-    The config dict holds "model", "scheduler" and "data" (target_shape, affine, intensity_range),
-    plus "code_version" and "step" from the file's metadata.
-    """
-    from .model import build_model
-
+def read_final(path: Path, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config (with "code_version" and "step") and, if `tensors`, the weights of ``model.safetensors``."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            weights = {k: f.get_tensor(k) for k in f.keys()}
+            weights = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except FileNotFoundError:
         raise CheckpointError(f"{path}: final model not found (train first)") from None
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
@@ -308,7 +302,22 @@ def load_final(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn
     if "config" not in meta:
         raise CheckpointError(f"{path}: has no 'config' metadata; it was not written by brainddpm")
     config = json.loads(meta["config"])
-    model = build_model(config["model"])
-    model.load_state_dict(weights, strict=True)
     config.update(code_version=meta.get("code_version"), step=int(meta.get("step", -1)))
+    return config, weights
+
+
+def load_final(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the trained network from ``model.safetensors`` alone: (model in eval mode, config dict).
+
+    The config dict holds "model", "scheduler" and "data" (target_shape, affine, intensity_range), for a
+    conditional model "condition" (the covariate encoding, conditioning.py), plus "code_version" and
+    "step" from the file's metadata.
+    """
+    from .conditioning import CovariateEncoding
+    from .model import build_model
+
+    config, weights = read_final(path)
+    context_dim = CovariateEncoding.from_dict(config["condition"]).dim if "condition" in config else None
+    model = build_model(config["model"], context_dim)
+    model.load_state_dict(weights, strict=True)
     return model.to(device).eval(), config

@@ -38,7 +38,8 @@ def _config(args) -> dict:
 def cmd_demo_cohort(args) -> None:
     from .demo import write_cohort
 
-    paths = write_cohort(args.n, args.seed, args.out, mosaic=args.mosaic, progress=sys.stderr.isatty())
+    paths = write_cohort(args.n, args.seed, args.out, mosaic=args.mosaic, progress=sys.stderr.isatty(),
+                         ventricle_growth_mm=args.ventricle_growth_mm)
     log.info("wrote %d synthetic volumes and participants.tsv to %s", len(paths), args.out)
 
 
@@ -81,7 +82,32 @@ def cmd_sample(args) -> None:
     from .sample import run_sample
 
     cfg = _config(args)
-    run_sample(cfg["sample"], args.checkpoint, args.sampler, args.part, args.out, args.nifti_dir, args.sheet)
+    run_sample(cfg["sample"], args.checkpoint, args.sampler, args.part, args.out, args.nifti_dir, args.sheet,
+               args.plan)
+
+
+def cmd_condition_plan(args) -> None:
+    from .sample import run_condition_plan
+
+    from .config import load_config
+
+    if args.config:
+        sample = load_config(args.config)["sample"]
+        plan_cfg = {"n": sample["n"], "conditions": sample.get("conditions", "match_validation"),
+                    "guidance_scale": sample.get("guidance_scale", 1.0)}
+    elif args.n is None:
+        raise BrainDDPMError("give --config, or --n (with --conditions-json and --guidance-scale)")
+    else:
+        plan_cfg = {"n": args.n, "conditions": json.loads(args.conditions_json), "guidance_scale": args.guidance_scale}
+    run_condition_plan(plan_cfg, args.checkpoint, args.real, args.out)
+
+
+def cmd_condition_check(args) -> None:
+    from .condition_check import run_condition_check
+    from .config import eval_seed
+
+    cfg = _config(args)
+    run_condition_check(cfg["evaluate"]["bootstrap"], eval_seed(cfg), args.train, args.real, args.samples, args.out)
 
 
 def cmd_features(args) -> None:
@@ -128,8 +154,13 @@ def cmd_report(args) -> None:
     if len(args.metrics) != len(args.samplers):
         raise BrainDDPMError("give one --metrics file per --samplers entry")
     parts = {s: sorted(p for p in args.samples if p.parent.name == s) for s in args.samplers}
+    conditioning = None
+    if args.conditioning:
+        if len(args.conditioning) != len(args.samplers):
+            raise BrainDDPMError("give one --conditioning file per --samplers entry")
+        conditioning = dict(zip(args.samplers, args.conditioning))
     write_report(dict(zip(args.samplers, args.metrics)), args.memorization, args.train, args.real, parts,
-                 args.run_dir, args.out)
+                 args.run_dir, args.out, conditioning)
 
 
 def cmd_bench(args) -> None:
@@ -155,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--mosaic", type=Path, help="also write a PNG mosaic of the first subjects")
+    p.add_argument("--ventricle-growth-mm", type=float, default=0.0,
+                   help="lateral ventricles grow by this many mm from age 20 to 85 (default: 0, no such effect)")
     p.set_defaults(func=cmd_demo_cohort)
 
     p = sub.add_parser("manifest", help="find and check input images; write manifest.tsv and excluded.tsv",
@@ -211,7 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output part-XXX.h5")
     p.add_argument("--nifti-dir", type=Path, required=True, help="folder for one NIfTI per volume")
     p.add_argument("--sheet", type=Path, help="PNG contact sheet of the part")
+    p.add_argument("--plan", type=Path, help="conditions.json of `condition-plan` (conditional models only)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("condition-plan", help="conditional models: which covariates each synthetic volume asks for",
+                       description="Write conditions.json: per synthetic volume the covariates it is sampled with "
+                                   "(sample.conditions: match_validation takes validation volume i's for volume i; "
+                                   "strata such as {age: [70, 80], sex: F, n: 50} give n volumes each) and "
+                                   "sample.guidance_scale. The covariate encoding comes from the model file.")
+    p.add_argument("--config", nargs="+", type=Path, metavar="YAML", help="config files (sample.n, "
+                   "sample.conditions, sample.guidance_scale); or the three options below (the workflow)")
+    p.add_argument("--n", type=int, help="synthetic volumes (sample.n)")
+    p.add_argument("--conditions-json", default='"match_validation"',
+                   help='sample.conditions as JSON: "match_validation" or a list of strata')
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="sample.guidance_scale (default: 1)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="model.safetensors of a conditional run")
+    p.add_argument("--real", type=Path, required=True, help="validation split folder (match_validation)")
+    p.add_argument("--out", type=Path, required=True, help="output conditions.json")
+    p.set_defaults(func=cmd_condition_plan)
 
     p = sub.add_parser("features", help="precompute Gram matrices, MS-SSIM matrices and FID features",
                        description="Everything expensive of the evaluation, done once: bootstrap jobs only index it.")
@@ -245,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_memorization)
 
+    p = sub.add_parser("condition-check", help="conditional models: does the requested condition show?",
+                       description="Fit covariate predictors (ridge / logistic regression on morphometrics and a "
+                                   "pooled volume) on the real training split; score the validation split and the "
+                                   "synthetic volumes against their requested covariates (MAE, accuracy, per "
+                                   "stratum, ventricle-fraction effect), with bootstrap 95%% CIs.")
+    _config_args(p)
+    p.add_argument("--train", type=Path, required=True, help="training split folder")
+    p.add_argument("--real", type=Path, required=True, help="validation split folder")
+    p.add_argument("--samples", type=Path, nargs="+", required=True, help="sample parts of one sampler")
+    p.add_argument("--out", type=Path, required=True, help="output conditioning.json")
+    p.set_defaults(func=cmd_condition_check)
+
     p = sub.add_parser("fetch-fid-weights", help="download MedicalNet weights (login node; needs internet)")
     p.add_argument("--url", required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -259,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", type=Path, required=True, help="validation split folder")
     p.add_argument("--run-dir", type=Path, required=True, help="training run folder (loss.png, train.json)")
     p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--conditioning", type=Path, nargs="+",
+                   help="conditional models: conditioning.json per sampler, same order as --samplers")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures (data, train, eval, sampling)",

@@ -93,6 +93,8 @@ def _check_consistency(cfg: dict) -> None:
         _check_msssim(cfg["evaluate"]["msssim"], cfg["data"]["target_shape"])
     if "sample" in cfg:
         _check_sample(cfg["sample"])
+    if "condition" in cfg:
+        _check_condition(cfg["condition"], cfg.get("sample"))
     if {"train", "launch"} <= set(cfg):
         _check_launch(cfg["train"], cfg["launch"])
     if "evaluate" in cfg and cfg["evaluate"]["jobs"] > cfg["evaluate"]["bootstrap"]:
@@ -181,6 +183,32 @@ def _check_sample(smp: dict) -> None:
     if smp["jobs"] > n_batches:
         raise ConfigError(f"config key 'sample.jobs': {smp['jobs']} jobs but only {n_batches} batches of "
                           f"sample.batch={smp['batch']} in sample.n={smp['n']} (each job takes whole batches)")
+
+
+def _check_condition(cond: dict, smp: dict | None) -> None:
+    names = [c["name"] for c in cond["covariates"]]
+    if len(names) != len(set(names)):
+        raise ConfigError(f"config key 'condition.covariates': covariate names must be unique, got {names}")
+    if not names or smp is None or not isinstance(smp.get("conditions"), list):
+        return
+    total = sum(s["n"] for s in smp["conditions"])
+    if total != smp["n"]:
+        raise ConfigError(f"config key 'sample.n': {smp['n']}, but the strata of sample.conditions ask for {total} "
+                          "volumes (set sample.n to their sum)")
+    kinds = {c["name"]: c["type"] for c in cond["covariates"]}
+    for i, stratum in enumerate(smp["conditions"]):
+        for key, value in stratum.items():
+            if key == "n":
+                continue
+            if key not in kinds:
+                raise ConfigError(f"config key 'sample.conditions[{i}].{key}': not a covariate of condition.covariates "
+                                  f"({', '.join(names)})")
+            numeric = isinstance(value, list) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            if kinds[key] == "continuous" and not numeric:
+                raise ConfigError(f"config key 'sample.conditions[{i}].{key}': {value!r} is not a number or [low, high]")
+            if isinstance(value, list) and (kinds[key] != "continuous" or value[0] > value[1]):
+                raise ConfigError(f"config key 'sample.conditions[{i}].{key}': a range [low, high] needs a continuous "
+                                  "covariate and low <= high")
 
 
 def split_seed(cfg: dict) -> int:

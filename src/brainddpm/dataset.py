@@ -19,10 +19,15 @@ from .shards import check_volume, open_shard, read_meta, split_files
 
 
 class ShardDataset(Dataset):
-    """Volumes of a split as float32 tensors of shape (1, D, H, W), in [0, 1]."""
+    """Volumes of a split as float32 tensors of shape (1, D, H, W), in [0, 1].
+
+    With `conditions` set (an (N, 1, dim) array, conditioning.CovariateEncoding.vectors) an item is the
+    pair (volume, its condition vector).
+    """
 
     def __init__(self, shards, verify: bool = False, cache: bool = False):
         """`shards`: a split folder holding index.json, or a list of shard files."""
+        self.conditions: np.ndarray | None = None
         self.files = split_files(shards) if isinstance(shards, (str, Path)) else [Path(p) for p in shards]
         self.verify = verify
         self.meta = []
@@ -67,9 +72,10 @@ class ShardDataset(Dataset):
         self.close()
         return out if out is not None else np.empty((0,), dtype=np.float32)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         vol = self._cache[i] if self._cache is not None else self._read(i)
-        return torch.from_numpy(np.asarray(vol, dtype=np.float32))
+        x = torch.from_numpy(np.asarray(vol, dtype=np.float32))
+        return x if self.conditions is None else (x, torch.from_numpy(self.conditions[i]))
 
     def close(self) -> None:
         for f in self._handles.values():

@@ -2,9 +2,15 @@
 
 Every subject is derived from the MNI152 2009 template and its grey/white-matter maps that ship
 inside the nilearn package (read from the installed package, nothing is downloaded). Each subject
-gets a global size scaling, a random smooth deformation, ventricle enlargement that grows with
-age (atrophy), tissue-contrast jitter, a smooth multiplicative bias field and noise. A few
-subjects have a second session two years later. The cohort is deterministic for a seed.
+gets a global size scaling, a random smooth deformation, a local magnification around the
+ventricles' centre that grows with age ("atrophy"), tissue-contrast jitter, a smooth multiplicative
+bias field and noise. A few subjects have a second session two years later. The cohort is
+deterministic for a seed.
+
+The age-dependent magnification is subtle: at the demo's 24x32x24 grid it is below what a 7 mm voxel
+resolves. `ventricle_growth_mm` (0 by default, which leaves the cohort as it always was) adds an
+unmistakable age effect for the conditioning demo: the lateral ventricles (template CSF deep inside
+the brain) grow by that many millimetres between age 20 and 85, linearly, in every direction.
 
 These volumes are synthetic: they exist to exercise the pipeline, not to train a useful model.
 """
@@ -77,6 +83,19 @@ def _subject_warp(rng: np.random.Generator, ventricles: np.ndarray, atrophy: flo
     return ((grid - centre) * scale * (1 - pull) + centre + disp).unsqueeze(0)
 
 
+def enlarge_ventricles(templates: dict, distance: np.ndarray, grow_mm: float) -> dict:
+    """Templates whose ventricles reach `grow_mm` further: voxels that close to them become CSF.
+
+    `distance` is the distance (mm) of each voxel to the ventricle mask; the edge is one voxel soft.
+    """
+    if grow_mm <= 0:
+        return templates
+    inside = templates["t1"] > 0.02
+    m = (np.clip(grow_mm + 0.5 - distance, 0.0, 1.0) * inside).astype(np.float32)
+    csf = float(np.median(templates["t1"][distance == 0]))
+    return {"t1": templates["t1"] * (1 - m) + csf * m, "gm": templates["gm"] * (1 - m), "wm": templates["wm"] * (1 - m)}
+
+
 def make_subject(templates: dict, ventricles: np.ndarray, rng: np.random.Generator, atrophy: float,
                  anatomy_seed: int) -> np.ndarray:
     """One synthetic skull-stripped T1 volume (float32, background exactly 0)."""
@@ -122,20 +141,25 @@ def plan_cohort(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def write_cohort(n: int, seed: int, out: Path, mosaic: Path | None = None, progress: bool = True) -> list[Path]:
+def write_cohort(n: int, seed: int, out: Path, mosaic: Path | None = None, progress: bool = True,
+                 ventricle_growth_mm: float = 0.0) -> list[Path]:
     """Write the cohort below `out` as {dataset}/sub-*/ses-*/anat/sub-*_ses-*_T1w.nii.gz + participants.tsv."""
+    from scipy import ndimage
     from tqdm import tqdm
 
     out = Path(out)
     templates = load_templates()
     ventricles = _ventricle_mask(templates)
+    distance = ndimage.distance_transform_edt(~ventricles) if ventricle_growth_mm > 0 else None
     affine = grid_affine(GRID_SHAPE, (1.0, 1.0, 1.0), GRID_ORIGIN)
     plan = plan_cohort(n, seed)
     paths = []
     for i, row in enumerate(tqdm(plan, desc="demo cohort", unit="vol", disable=not progress)):
         rng = np.random.default_rng([seed, i])
         atrophy = 0.1 + 0.35 * (row["age"] - 20) / 65  # ventricles grow with age
-        img = make_subject(templates, ventricles, rng, atrophy, row["anatomy_seed"])
+        grown = enlarge_ventricles(templates, distance, ventricle_growth_mm * (row["age"] - 20) / 65) \
+            if distance is not None else templates
+        img = make_subject(grown, ventricles, rng, atrophy, row["anatomy_seed"])
         scaled = np.round(img / max(img.max(), 1e-6) * 1000).astype(np.int16)
         nii = nib.Nifti1Image(scaled, affine)
         nii.header.set_xyzt_units("mm")

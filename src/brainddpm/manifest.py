@@ -20,6 +20,7 @@ import logging
 
 import numpy as np
 
+from .conditioning import covariate_names, read_covariates
 from .errors import BadInputError
 from .fileio import atomic_path, sha256_file
 from .nifti import header_info, load_checked
@@ -115,9 +116,41 @@ def _inspect_or_reason(path: str):
         return exc.reason
 
 
-def build_manifest(datasets: list[dict], jobs: int = 1, progress: bool = False) -> tuple[list[dict], list[dict]]:
-    """Rows of usable images and rows of excluded inputs (path, dataset, reason)."""
+def manifest_columns(condition: dict | None = None) -> list[str]:
+    """MANIFEST_COLUMNS, then the covariates of `condition` that are not among them."""
+    return MANIFEST_COLUMNS + [c for c in covariate_names(condition) if c not in MANIFEST_COLUMNS]
+
+
+def split_columns(condition: dict | None = None) -> list[str]:
+    """SPLIT_COLUMNS, then the covariates of `condition` (they travel on to the shards)."""
+    return SPLIT_COLUMNS + [c for c in covariate_names(condition) if c not in SPLIT_COLUMNS]
+
+
+def _covariate_problem(condition: dict | None, cand: dict) -> str | None:
+    """Why a candidate cannot be used for conditioning (unreadable value, or missing under 'exclude')."""
+    if not covariate_names(condition):
+        return None
+    try:
+        values = read_covariates(condition, cand)
+    except ValueError as exc:
+        return f"{exc} (participants table)"
+    missing = [k for k, v in values.items() if v is None]
+    if missing and condition["missing"] == "exclude":
+        return f"covariate {', '.join(repr(k) for k in missing)} missing (condition.missing: exclude)"
+    return None
+
+
+def build_manifest(datasets: list[dict], jobs: int = 1, progress: bool = False,
+                   condition: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """Rows of usable images and rows of excluded inputs (path, dataset, reason).
+
+    With a `condition` section, each row also carries its covariates (participants table columns of
+    those names; `dataset` falls back to the dataset's name), and rows whose covariates are unreadable,
+    or missing under `condition.missing: exclude`, are excluded with the reason.
+    """
     from tqdm import tqdm
+
+    names = covariate_names(condition)
 
     candidates, excluded = [], []
     for ds in datasets:
@@ -132,15 +165,19 @@ def build_manifest(datasets: list[dict], jobs: int = 1, progress: bool = False) 
         for p in paths:
             sub, ses = ids_from_path(p)
             extra = info.get((sub, ses)) or info.get((sub, "")) or {}
-            candidates.append({"subject": sub, "session": ses, "dataset": ds["name"], "path": p,
-                               "age": extra.get("age"), "sex": extra.get("sex")})
+            cand = {"subject": sub, "session": ses, "dataset": ds["name"], "path": p,
+                    "age": extra.get("age"), "sex": extra.get("sex")}
+            for name in names:  # 'dataset' is the dataset's name, as in the split's stratification
+                cand.setdefault(name, extra.get(name))
+            candidates.append(cand)
     with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _Serial() as pool:
         results = list(tqdm(pool.map(_inspect_or_reason, [c["path"] for c in candidates]),
                             total=len(candidates), desc="checking images", unit="img", disable=not progress))
     rows, seen, seen_sha = [], {}, {}
     for cand, res in zip(candidates, results):
-        if isinstance(res, str):
-            excluded.append({"path": cand["path"], "dataset": cand["dataset"], "reason": res})
+        problem = res if isinstance(res, str) else _covariate_problem(condition, cand)
+        if problem:
+            excluded.append({"path": cand["path"], "dataset": cand["dataset"], "reason": problem})
             continue
         key = (cand["dataset"], cand["subject"], cand["session"])
         if key in seen:

@@ -16,8 +16,12 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 
 
-def build_model(model_cfg: dict) -> DiffusionModelUNet:
+def build_model(model_cfg: dict, context_dim: int | None = None) -> DiffusionModelUNet:
     """MONAI DiffusionModelUNet for single-channel 3D volumes, from the `model` config section.
+
+    With `context_dim` (a conditional model, conditioning.py) MONAI's own conditioning is switched on:
+    `with_conditioning=True` and `cross_attention_dim=context_dim`, so every attention level (and the
+    middle block) cross-attends to the covariate vector passed as `context` ([B, 1, context_dim]).
 
     `num_head_channels` is one number in the config; MONAI takes one per level and ignores it at levels
     without attention. The middle block of the UNet always has self-attention over the last level's
@@ -35,6 +39,7 @@ def build_model(model_cfg: dict) -> DiffusionModelUNet:
         num_head_channels=[heads] * len(channels),
         norm_num_groups=int(model_cfg["norm_num_groups"]),
         use_flash_attention=bool(model_cfg.get("use_flash_attention", False)),
+        **({"with_conditioning": True, "cross_attention_dim": int(context_dim)} if context_dim else {}),
     )
 
 
@@ -61,19 +66,34 @@ def build_ddim(sched_cfg: dict, steps: int) -> DDIMScheduler:
     return ddim
 
 
+def drop_condition(context: torch.Tensor, drop_prob: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Classifier-free guidance training: each volume's whole condition becomes the null condition
+    (filled with conditioning.NULL_FILL, MONAI's `cfg_fill_value`) with probability `drop_prob`."""
+    from .conditioning import NULL_FILL
+
+    drop = torch.rand(context.shape[0], generator=generator, device=context.device) < drop_prob
+    return torch.where(drop[:, None, None], torch.full_like(context, NULL_FILL), context)
+
+
 def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, x: torch.Tensor,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, context: torch.Tensor | None = None,
+                   drop_prob: float = 0.0) -> torch.Tensor:
     """Denoising MSE: draw noise and uniform timesteps, noise `x`, predict the scheduler's target.
 
     The target follows `scheduler.prediction_type`: the noise ("epsilon", Ho et al. 2020, the study's),
     the velocity ("v_prediction", Salimans & Ho 2022: `scheduler.get_velocity`) or the clean volume
     ("sample"). `model` may be the bare UNet or a DDP/DeepSpeed/Accelerate wrapper around it. The loss
-    is computed in fp32 even under bf16 autocast.
+    is computed in fp32 even under bf16 autocast. A conditional model gets its `context`, dropped per
+    volume with `drop_prob` (drawn after the noise and timesteps, so an unconditional run's draws are
+    exactly what they always were).
     """
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), generator=generator, device=x.device)
     x_t = scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
-    pred = model(x_t, timesteps=t)
+    if context is None:
+        pred = model(x_t, timesteps=t)
+    else:
+        pred = model(x_t, timesteps=t, context=drop_condition(context, drop_prob, generator))
     if scheduler.prediction_type == "v_prediction":
         target = scheduler.get_velocity(x, noise, t)
     elif scheduler.prediction_type == "sample":

@@ -56,14 +56,17 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def flops_per_sample(model: torch.nn.Module, shape, device: torch.device, bf16: bool,
-                     num_train_timesteps: int = 1000) -> int:
-    """FLOPs of one training forward+backward for one volume of `shape` (D, H, W). Leaves no gradients."""
+                     num_train_timesteps: int = 1000, context_dim: int | None = None) -> int:
+    """FLOPs of one training forward+backward for one volume of `shape` (D, H, W). Leaves no gradients.
+
+    `context_dim`: a conditional model's covariate vector length (its forward needs a `context`)."""
     x = torch.rand(1, 1, *shape, device=device)
     t = torch.randint(0, num_train_timesteps, (1,), device=device)
     counter = FlopCounterMode(display=False)
     with counter:
         with autocast(device, bf16):
-            out = model(x, timesteps=t)
+            kwargs = {"context": torch.zeros(1, 1, context_dim, device=device)} if context_dim else {}
+            out = model(x, timesteps=t, **kwargs)
         out.float().square().mean().backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())

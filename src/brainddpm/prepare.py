@@ -12,7 +12,8 @@ import numpy as np
 from .config import split_seed
 from .errors import BadInputError
 from .fileio import sha256_file
-from .manifest import (EXCLUDED_COLUMNS, MANIFEST_COLUMNS, SPLIT_COLUMNS, build_manifest, read_tsv, shard_rows,
+from .conditioning import covariate_names, read_covariates
+from .manifest import (EXCLUDED_COLUMNS, build_manifest, manifest_columns, read_tsv, shard_rows, split_columns,
                        split_subjects, write_tsv)
 from .nifti import load_mask, preprocess, target_affine
 from .shards import open_shard, shard_summary, write_index, write_shard
@@ -27,14 +28,15 @@ def _fail_on(excluded: list[dict], data_cfg: dict) -> None:
 
 
 def run_manifest(cfg: dict, manifest_path: Path, excluded_path: Path, jobs: int = 1) -> list[dict]:
-    rows, excluded = build_manifest(cfg["datasets"], jobs=jobs, progress=sys.stderr.isatty())
+    rows, excluded = build_manifest(cfg["datasets"], jobs=jobs, progress=sys.stderr.isatty(),
+                                    condition=cfg.get("condition"))
     for e in excluded:
         log.warning("excluded %s: %s", e["path"], e["reason"])
     _fail_on(excluded, cfg["data"])
     if not rows:
         raise BadInputError(", ".join(d["name"] for d in cfg["datasets"]), "no usable image in any dataset")
     write_tsv(excluded, EXCLUDED_COLUMNS, excluded_path)
-    write_tsv(rows, MANIFEST_COLUMNS, manifest_path)
+    write_tsv(rows, manifest_columns(cfg.get("condition")), manifest_path)
     log.info("manifest: %d images of %d subjects, %d excluded", len(rows),
              len({(r["dataset"], r["subject"]) for r in rows}), len(excluded))
     return rows
@@ -46,7 +48,7 @@ def run_split(cfg: dict, manifest_path: Path, out: Path) -> list[dict]:
                           data["stratify_by_dataset"], data["longitudinal"])
     if not any(r["split"] == "val" for r in rows) or not any(r["split"] == "train" for r in rows):
         raise BadInputError(manifest_path, "too few subjects for a train/val split (need at least 2)")
-    write_tsv(rows, SPLIT_COLUMNS, out)
+    write_tsv(rows, split_columns(cfg.get("condition")), out)
     for split in ("train", "val"):
         sel = [r for r in rows if r["split"] == split]
         log.info("%s: %d images, %d subjects", split, len(sel), len({(r["dataset"], r["subject"]) for r in sel}))
@@ -64,6 +66,7 @@ def run_shard(cfg: dict, splits_path: Path, split: str, index: int, out: Path) -
     if not 0 <= index < len(shards):
         raise BadInputError(splits_path, f"{split} has {len(shards)} shards; there is no shard {index}")
     mask = load_mask(data["mask"], data) if data["mask"] else None
+    condition = cfg.get("condition") if covariate_names(cfg.get("condition")) else None
     vols, meta, excluded = [], [], []
     for row in shards[index]:
         try:
@@ -78,6 +81,8 @@ def run_shard(cfg: dict, splits_path: Path, split: str, index: int, out: Path) -
         vols.append(vol)
         meta.append({**stats, "subject": row["subject"], "session": row["session"], "dataset": row["dataset"],
                      "source_path": row["path"], "source_sha256": row["sha256"]})
+        if condition is not None:  # checked when the manifest was written
+            meta[-1]["covariates"] = read_covariates(condition, row)
     _fail_on(excluded, data)
     if not vols:
         raise BadInputError(out, f"every image of {split} shard {index} was excluded")

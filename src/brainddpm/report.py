@@ -147,9 +147,79 @@ def plot_memorization(memo: dict, syn: np.ndarray, train: np.ndarray, png: Path,
     plt.close(fig)
 
 
+def _ci_text(e: dict | None, digits: int = 3) -> str:
+    if not e or e.get("value") is None:
+        return "–"
+    return f"{e['value']:.{digits}f} [{e['low']:.{digits}f}–{e['high']:.{digits}f}]"
+
+
+def _score_text(e: dict | None) -> str:
+    if not e:
+        return "–"
+    text = _ci_text(e, 3 if e["kind"] == "accuracy" else 2)
+    return text + (f" (majority {e['majority_rate']:.2f})" if e["kind"] == "accuracy" else "")
+
+
+def conditioning_markdown(sampler: str, doc: dict) -> list[str]:
+    """The report's section for one sampler's conditioning.json: does the requested condition show?"""
+    names = [c["name"] for c in doc["encoding"]["covariates"]]
+    kinds = {c["name"]: ("MAE" if c["type"] == "continuous" else "accuracy") for c in doc["encoding"]["covariates"]}
+    lines = [f"### {sampler}", "",
+             f"Predictors fitted on {doc['n_train']} real training volumes; {doc['n_val']} real validation volumes "
+             f"(how readable each covariate is at all) and {doc['n_synthetic']} synthetic volumes scored against "
+             f"the covariates they were asked for; {doc['level']:.0%} bootstrap CIs ({doc['bootstrap']} resamples).",
+             "", _md_table(["covariate", "score", "real validation", "synthetic (requested vs predicted)"],
+                           [[n, kinds[n], _score_text(doc["real_validation"].get(n)),
+                             _score_text(doc["synthetic"].get(n))] for n in names]), ""]
+    rows = []
+    for st in doc["strata"]:
+        rows.append([st["stratum"], str(st["n"])] + [_score_text(st["scores"].get(n)) for n in names] +
+                    [_ci_text(st["ventricle_fraction"]), f"{st['mmd']:.4f} (vs {st['n_real_matching']} real)"
+                     if "mmd" in st else ("–" if "n_real_matching" not in st else "no matching real volume")])
+    lines += ["Per stratum:", "", _md_table(["stratum", "n"] + [f"{n} {kinds[n]}" for n in names] +
+                                            ["ventricle fraction", "MMD to matching real"], rows), ""]
+    for name, eff in doc["ventricle_effect"].items():
+        real = doc["real_ventricle_effect"].get(name, {}).get("slope_per_unit")
+        lines.append(f"- Ventricle fraction against requested {name}: slope {_ci_text(eff['slope_per_unit'], 5)} per "
+                     f"unit (real training volumes: {_ci_text(real, 5)}).")
+        if "difference" in eff:
+            d = eff["difference"]
+            verdict = ("the CI excludes zero: the requested " + name + " shows" if d["excludes_zero"]
+                       else "the CI includes zero: no clear effect at this N")
+            lines.append(f"- **{d['high_stratum']}** minus **{d['low_stratum']}**: ventricle fraction "
+                         f"{_ci_text(d, 4)} ({d['n_high']} vs {d['n_low']} volumes); {verdict}.")
+    return lines + [""]
+
+
+def plot_strata(parts: list[Path], png: Path, per_stratum: int = 4) -> None:
+    """Mid-slices of a few synthetic volumes per stratum, one row per stratum."""
+    from .evaluate import select_synthetic
+
+    plt = _plt()
+    vols, meta = select_synthetic(parts, 10**9)
+    strata = list(dict.fromkeys(m.get("stratum", "") for m in meta))
+    fig, axes = plt.subplots(len(strata), per_stratum * 2, figsize=(2.0 * per_stratum * 2, 2.2 * len(strata)),
+                             squeeze=False)
+    for row, stratum in zip(axes, strata):
+        idx = [i for i, m in enumerate(meta) if m.get("stratum", "") == stratum][:per_stratum]
+        for k, ax in enumerate(row):
+            ax.set_axis_off()
+            if k // 2 < len(idx):
+                v = vols[idx[k // 2], 0]
+                sl = v[:, :, v.shape[2] // 2] if k % 2 == 0 else v[v.shape[0] // 2]
+                ax.imshow(np.rot90(sl), cmap="gray", vmin=0, vmax=1)
+        row[0].set_title(stratum, fontsize=8, loc="left")
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+
+
 def write_report(metric_files: dict[str, Path], memo_path: Path, train_dir: Path, val_dir: Path,
-                 sample_parts: dict[str, list[Path]], run_dir: Path, out: Path) -> Path:
-    """Assemble results/report/: report.md, metrics.{md,csv,json}, loss.png, slices.png, ci.png, memorization.png."""
+                 sample_parts: dict[str, list[Path]], run_dir: Path, out: Path,
+                 conditioning_files: dict[str, Path] | None = None) -> Path:
+    """Assemble results/report/: report.md, metrics.{md,csv,json}, loss.png, slices.png, ci.png, memorization.png,
+    and for a conditional model strata-<sampler>.png."""
     from .evaluate import select_synthetic
 
     out = Path(out)
@@ -171,6 +241,14 @@ def write_report(metric_files: dict[str, Path], memo_path: Path, train_dir: Path
     with atomic_path(out / "metrics.md") as tmp:
         tmp.write_text(table + "\n")
     text = _report_markdown(metrics_by_sampler, memo, train_info, table)
+    if conditioning_files:
+        section = ["## Conditioning: does the requested condition show?", "",
+                   json.loads(Path(next(iter(conditioning_files.values()))).read_text())["definitions"], ""]
+        for sampler, path in conditioning_files.items():
+            section += conditioning_markdown(sampler, json.loads(Path(path).read_text()))
+            plot_strata(sample_parts[sampler], out / f"strata-{sampler}.png")
+            section += [f"![synthetic volumes per stratum, {sampler}](strata-{sampler}.png)", ""]
+        text = text + "\n" + "\n".join(section)
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(text)
     return out / "report.md"

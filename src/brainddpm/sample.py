@@ -13,6 +13,7 @@ documented by the data stage (background 0).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -20,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_final
-from .errors import BrainDDPMError, ConfigError
+from .checkpoint import load_final, read_final
+from .conditioning import NULL_FILL, CovariateEncoding, build_plan, read_plan
+from .errors import BadInputError, BrainDDPMError, ConfigError
 from .fileio import atomic_path, sha256_file
 from .model import build_ddim, build_scheduler
 from .nifti import save_volume
 from .runtime import claim_gpu
-from .shards import write_shard
+from .shards import read_meta, split_files, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +51,35 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def guided_output(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
+                  guidance_scale: float) -> torch.Tensor:
+    """The network's output for one step; with a `context`, classifier-free guided as MONAI's
+    `DiffusionInferer.sample(cfg=w)` does it: one forward over [null; cond], then uncond + w * (cond - uncond).
+    (That sampler draws its step noise from the global RNG; ours needs one generator per volume.)"""
+    if context is None:
+        return model(x, timesteps=t).float()
+    if guidance_scale == 1.0:  # the guided output is the conditional one: no unconditional pass needed
+        return model(x, timesteps=t, context=context).float()
+    both = model(torch.cat([x, x]), timesteps=torch.cat([t, t]),
+                 context=torch.cat([torch.full_like(context, NULL_FILL), context])).float()
+    uncond, cond = both.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 @torch.no_grad()
-def denoise(model, scheduler, seeds: list[int], shape, device: torch.device, progress: bool = False) -> torch.Tensor:
+def denoise(model, scheduler, seeds: list[int], shape, device: torch.device, progress: bool = False,
+            context: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
     """Run the reverse process for one batch; one generator per volume, so batching does not matter.
 
     The starting noise of volume i comes from a CPU generator seeded with seeds[i] (the same on any
     device); each DDPM step draws that volume's noise from its own generator on the model's device,
-    seeded from (seeds[i], 1).
+    seeded from (seeds[i], 1). A conditional model gets `context` ([B, 1, dim]) and `guidance_scale`.
     """
     from tqdm import tqdm
 
     x = torch.stack([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
     x = x.to(device)
+    context = None if context is None else context.to(device)
     # step noise from a stream derived from (seed, 1): never a copy of the starting noise
     gens = [torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([int(s), 1]).generate_state(1)[0]))
             for s in seeds]
@@ -69,7 +88,7 @@ def denoise(model, scheduler, seeds: list[int], shape, device: torch.device, pro
     for k, t in enumerate(tqdm(steps, desc="denoising", unit="step", disable=not progress)):
         tt = torch.full((len(seeds),), int(t), device=device, dtype=torch.long)
         with autocast:
-            eps = model(x, timesteps=tt).float()
+            eps = guided_output(model, x, tt, context, guidance_scale)
         x = torch.cat([scheduler.step(eps[i:i + 1], int(t), x[i:i + 1], generator=g)[0] for i, g in enumerate(gens)])
         if not progress and (k + 1) % max(1, len(steps) // 10) == 0:
             log.info("step %d/%d", k + 1, len(steps))
@@ -86,11 +105,49 @@ def make_scheduler(config: dict, sampler: str, ddim_steps: int | None):
     return sch
 
 
+def run_condition_plan(sample_cfg: dict, checkpoint: Path, val_dir: Path, out: Path) -> dict:
+    """Write the sampling plan (conditions.json) of a conditional model: per synthetic volume the covariates
+    it is asked for (`sample.conditions`: match_validation or explicit strata) and the guidance scale."""
+    config, _ = read_final(checkpoint, tensors=False)
+    if "condition" not in config:
+        raise BadInputError(checkpoint, "an unconditional model: there are no covariates to plan")
+    encoding = CovariateEncoding.from_dict(config["condition"])
+    val = [m.get("covariates", {}) for f in split_files(val_dir) for m in read_meta(f)]
+    plan = build_plan(sample_cfg, encoding, val)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(plan, indent=1))
+    strata = sorted({v["stratum"] for v in plan["volumes"]})
+    log.info("plan: %d volumes (%s), guidance scale %g", len(plan["volumes"]), "; ".join(strata),
+             plan["guidance_scale"])
+    return plan
+
+
+def conditions_for(config: dict, plan_path: Path | None, checkpoint: Path) -> tuple[CovariateEncoding | None, dict]:
+    """The model's covariate encoding and the sampling plan it needs (None and {} for an unconditional model)."""
+    if "condition" not in config:
+        return None, {}
+    if plan_path is None:
+        raise BadInputError(checkpoint, "a conditional model: sampling needs the plan of requested covariates "
+                            "(--plan conditions.json, written by `brainddpm condition-plan`)")
+    encoding, plan = CovariateEncoding.from_dict(config["condition"]), read_plan(plan_path)
+    if plan["encoding"]["covariates"] != encoding.to_dict()["covariates"]:
+        raise BadInputError(plan_path, f"the plan was made for another model's covariate encoding than {checkpoint}'s; "
+                            "rerun `brainddpm condition-plan`")
+    return encoding, plan
+
+
 def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out: Path, nifti_dir: Path,
-               sheet: Path | None = None) -> dict:
-    """Sample the volumes of job `part`; write them as an HDF5 part, one NIfTI each, and a contact sheet."""
+               sheet: Path | None = None, plan_path: Path | None = None) -> dict:
+    """Sample the volumes of job `part`; write them as an HDF5 part, one NIfTI each, and a contact sheet.
+
+    A conditional model samples volume i with the covariates the plan gives it (classifier-free guided with
+    the plan's guidance scale); they are stored with the volume (HDF5 and a JSON sidecar next to its NIfTI).
+    """
     device = pick_device(sample_cfg["device"])
     model, config = load_final(checkpoint, device)
+    encoding, plan = conditions_for(config, plan_path, checkpoint)
+    if plan and len(plan["volumes"]) != sample_cfg["n"]:
+        raise BadInputError(plan_path, f"plans {len(plan['volumes'])} volumes, sample.n is {sample_cfg['n']}")
     shape = tuple(config["data"]["target_shape"])
     affine = np.asarray(config["data"]["affine"], dtype=np.float64)
     scheduler = make_scheduler(config, sampler, sample_cfg.get("ddim_steps"))
@@ -100,21 +157,35 @@ def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out:
     vols, meta, ckpt_sha = [], [], sha256_file(checkpoint)
     for batch in batches:
         seeds = [sample_cfg["base_seed"] + i for i in batch]
-        x = denoise(model, scheduler, seeds, shape, device, progress=sys.stderr.isatty())
-        for i, vol in zip(batch, x.numpy()):
+        requested = [plan["volumes"][i] for i in batch] if encoding else []
+        context = torch.from_numpy(encoding.vectors([r["covariates"] for r in requested])) if encoding else None
+        x = denoise(model, scheduler, seeds, shape, device, progress=sys.stderr.isatty(), context=context,
+                    guidance_scale=plan.get("guidance_scale", 1.0))
+        for k, (i, vol) in enumerate(zip(batch, x.numpy())):
             vols.append(vol[0])
             meta.append({"subject": f"synthetic-{i:04d}", "session": f"seed-{sample_cfg['base_seed'] + i}",
                          "dataset": f"synthetic:{sampler}", "source_path": str(checkpoint),
                          "source_sha256": ckpt_sha})
+            if encoding:
+                meta[-1].update(covariates=requested[k]["covariates"], stratum=requested[k]["stratum"])
     nifti_dir = Path(nifti_dir)
     nifti_dir.mkdir(parents=True, exist_ok=True)
     for vol, m in zip(vols, meta):
         save_volume(vol, affine, nifti_dir / f"{m['subject']}_{sampler}.nii.gz")
+        if encoding:  # what this volume was asked for, next to it
+            sidecar = {"covariates": m["covariates"], "stratum": m["stratum"], "guidance_scale": plan["guidance_scale"],
+                       "seed": int(m["session"].removeprefix("seed-")), "sampler": sampler,
+                       "steps": len(scheduler.timesteps), "checkpoint": str(checkpoint), "checkpoint_sha256": ckpt_sha}
+            with atomic_path(nifti_dir / f"{m['subject']}_{sampler}.json") as tmp:
+                tmp.write_text(json.dumps(sidecar, indent=1))
     summary = write_shard(out, np.stack(vols), meta, affine, dtype="float32", compression="lzf",
                           attrs={"kind": "samples", "sampler": sampler, "checkpoint_step": config.get("step"),
-                                 "steps": len(scheduler.timesteps), "part": part})
+                                 "steps": len(scheduler.timesteps), "part": part,
+                                 **({"encoding": encoding.to_dict(), "guidance_scale": plan["guidance_scale"]}
+                                    if encoding else {})})
     if sheet is not None:
-        contact_sheet(np.stack(vols), [m["subject"] for m in meta], sheet)
+        names = [m["subject"] + (f" ({m['stratum']})" if encoding else "") for m in meta]
+        contact_sheet(np.stack(vols), names, sheet)
     return summary
 
 

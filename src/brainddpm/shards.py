@@ -6,6 +6,8 @@ Layout of one shard (also used for sampled volumes):
     checksum       (N,)  sha256 of each stored volume's bytes (C order, stored dtype)
     subject, session, dataset, source_path, source_sha256   (N,) strings
     p_low, p_high, mask_voxels                               (N,) per-volume normalisation statistics
+    covariates     (N,) JSON strings {name: value or null}, only in shards of a conditioned run
+    stratum        (N,) strings, only in samples of a conditional model (the sampling plan's stratum)
     affine         (4, 4) RAS affine of the target grid
     attrs: target_shape, spacing, normalization (JSON), code_version, dtype, count, kind
 
@@ -28,6 +30,7 @@ from .fileio import atomic_path, sha256_file
 
 STRING_FIELDS = ("subject", "session", "dataset", "source_path", "source_sha256")
 STAT_FIELDS = ("p_low", "p_high", "mask_voxels")
+OPTIONAL_STRING_FIELDS = ("stratum",)  # written only when some volume has it (synthetic volumes of a plan)
 
 
 def volume_checksum(vol: np.ndarray) -> str:
@@ -62,6 +65,12 @@ def write_shard(path, images: np.ndarray, meta: list[dict], affine: np.ndarray, 
             f.create_dataset(key, data=np.array([str(m.get(key, "")) for m in meta], dtype=object), dtype=str_dt)
         for key in STAT_FIELDS:
             f.create_dataset(key, data=np.array([float(m.get(key, np.nan)) for m in meta], dtype=np.float64))
+        for key in OPTIONAL_STRING_FIELDS:
+            if any(key in m for m in meta):
+                f.create_dataset(key, data=np.array([str(m.get(key, "")) for m in meta], dtype=object), dtype=str_dt)
+        if any("covariates" in m for m in meta):
+            f.create_dataset("covariates", dtype=str_dt, data=np.array(
+                [json.dumps(m.get("covariates", {}), sort_keys=True) for m in meta], dtype=object))
         f.create_dataset("affine", data=np.asarray(affine, dtype=np.float64))
         f.attrs.update({
             "target_shape": list(stored.shape[2:]),
@@ -90,8 +99,11 @@ def open_shard(path) -> h5py.File:
 def read_meta(path) -> list[dict]:
     """Per-volume metadata of a shard (no image data)."""
     with open_shard(path) as f:
-        cols = {k: [s.decode() if isinstance(s, bytes) else s for s in f[k][()]] for k in STRING_FIELDS + ("checksum",)}
+        strings = STRING_FIELDS + ("checksum",) + tuple(k for k in OPTIONAL_STRING_FIELDS if k in f)
+        cols = {k: [s.decode() if isinstance(s, bytes) else s for s in f[k][()]] for k in strings}
         cols.update({k: f[k][()].tolist() for k in STAT_FIELDS})
+        if "covariates" in f:
+            cols["covariates"] = [json.loads(s.decode() if isinstance(s, bytes) else s) for s in f["covariates"][()]]
     return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
 
 

@@ -70,9 +70,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from . import checkpoint as ckpt
+from .conditioning import CovariateEncoding, fit_encoding, is_conditioned
 from .config import validate_config
 from .dataset import ShardDataset
-from .errors import ConfigError
+from .errors import BadInputError, ConfigError
 from .fileio import atomic_path, sha256_file
 from .model import build_model, build_scheduler, diffusion_loss
 from .perf import autocast, device_name, flops_per_sample, mfu, peak_flops, peak_memory, use_bf16
@@ -190,10 +191,16 @@ class Engine:
             self.model, self.optimizer = net, optimizer
         self.device = runtime.device
 
-    def micro_step(self, x: torch.Tensor, generator: torch.Generator, boundary: bool) -> torch.Tensor:
-        """Loss of one micro-batch (detached); the optimizer steps when `boundary`."""
+    def micro_step(self, x: torch.Tensor, generator: torch.Generator, boundary: bool,
+                   context: torch.Tensor | None = None, drop_prob: float = 0.0) -> torch.Tensor:
+        """Loss of one micro-batch (detached); the optimizer steps when `boundary`.
+
+        `context`: the micro-batch's condition vectors (a conditional model), dropped with `drop_prob`."""
+        def loss_of_batch() -> torch.Tensor:
+            return diffusion_loss(self.model, self.scheduler, x, generator, context, drop_prob)
+
         if self.backend == "deepspeed":  # the engine autocasts, scales by 1/accumulation, clips and steps
-            loss = diffusion_loss(self.model, self.scheduler, x, generator)
+            loss = loss_of_batch()
             self.model.backward(loss)
             self.model.step()
             return loss.detach()
@@ -201,7 +208,7 @@ class Engine:
             with self.accelerator.accumulate(self.model):
                 if self.accelerator.sync_gradients != boundary:
                     raise RuntimeError("Accelerate's accumulation counter disagrees with the loop's")
-                loss = diffusion_loss(self.model, self.scheduler, x, generator)
+                loss = loss_of_batch()
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients and self.grad_clip:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -211,7 +218,7 @@ class Engine:
         skip_sync = isinstance(self.model, DistributedDataParallel) and not boundary
         with self.model.no_sync() if skip_sync else nullcontext():
             with autocast(x.device, self.plan.bf16):
-                loss = diffusion_loss(self.model, self.scheduler, x, generator)
+                loss = loss_of_batch()
             (loss / self.plan.gradient_accumulation_steps).backward()
         if boundary:
             if self.grad_clip:
@@ -282,12 +289,15 @@ def _train(cfg: dict, shards_dir: Path, out_dir: Path, runtime: Runtime, stop: S
     plan = plan_run(train_cfg, len(dataset), runtime)
     data_meta = _data_meta(dataset.files)
     index_sha = sha256_file(split / "index.json")
+    encoding = condition_dataset(cfg, dataset, split)
+    context_dim = encoding.dim if encoding else None
+    drop_prob = cfg["condition"]["drop_prob"] if encoding else 0.0
 
     torch.manual_seed(seed)  # the same initial weights on every rank
-    net = build_model(cfg["model"]).to(runtime.device).train()
+    net = build_model(cfg["model"], context_dim).to(runtime.device).train()
     scheduler = build_scheduler(cfg["scheduler"])
     flops = flops_per_sample(net, data_meta["target_shape"], runtime.device, plan.bf16,
-                             scheduler.num_train_timesteps) if peak_flops(runtime.device) else None
+                             scheduler.num_train_timesteps, context_dim) if peak_flops(runtime.device) else None
     engine = Engine(train_cfg, plan, runtime, net, scheduler)
     cleanup.callback(engine.close)
     ema = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
@@ -348,9 +358,13 @@ def _train(cfg: dict, shards_dir: Path, out_dir: Path, runtime: Runtime, stop: S
         order.indices = list(sampler)[done_in_epoch:volumes_per_epoch]
         loss_sum, epoch_losses, epoch_samples, epoch_s = 0.0, [], 0, 0.0
         t_prev = time.perf_counter()
-        for i, x in enumerate(loader):
+        for i, batch in enumerate(loader):
             boundary = (i + 1) % plan.gradient_accumulation_steps == 0
-            loss_sum = loss_sum + engine.micro_step(x.to(runtime.device, non_blocking=True), generator, boundary)
+            x, context = batch if encoding else (batch, None)
+            if context is not None:
+                context = context.to(runtime.device, non_blocking=True)
+            loss_sum = loss_sum + engine.micro_step(x.to(runtime.device, non_blocking=True), generator, boundary,
+                                                    context, drop_prob)
             if not boundary:
                 continue
             ema_update(ema, net, ema_decay_at(progress.step, train_cfg["ema_decay"]))
@@ -403,7 +417,23 @@ def _train(cfg: dict, shards_dir: Path, out_dir: Path, runtime: Runtime, stop: S
         "samples_per_s": timed_samples / timed_s if timed_s > 0 else None,
         "resumed_from_step": progress.resumed_from, "flops_per_sample": flops, "precision": plan.precision,
     }
-    return _finish(cfg, out_dir, runtime, net, ema, data_meta, summary)
+    return _finish(cfg, out_dir, runtime, net, ema, data_meta, summary, encoding)
+
+
+def condition_dataset(cfg: dict, dataset: ShardDataset, split: Path) -> CovariateEncoding | None:
+    """For a conditional run: fit the covariate encoding on the training split and attach each volume's
+    condition vector to `dataset`; None for an unconditional run (nothing changes)."""
+    if not is_conditioned(cfg):
+        return None
+    if any("covariates" not in m for m in dataset.meta):
+        raise BadInputError(split / "index.json", "the training shards hold no covariates: they were written "
+                            "without condition.covariates; rerun the data stage with this config")
+    covariates = [m["covariates"] for m in dataset.meta]
+    encoding = fit_encoding(cfg["condition"], covariates, source=str(split / "index.json"))
+    dataset.conditions = encoding.vectors(covariates)
+    log.info("conditioning on %s (vector of %d, drop probability %.2f)", ", ".join(encoding.names), encoding.dim,
+             cfg["condition"]["drop_prob"])
+    return encoding
 
 
 def _data_meta(files: list[Path]) -> dict:
@@ -456,6 +486,8 @@ def _resume(path: Path, cfg: dict, runtime: Runtime, engine: Engine, ema: dict[s
     meta = ckpt.read_meta(path)
     old = meta["config"]
     changed = [s for s in ("model", "scheduler", "seed") if old[s] != cfg[s]]
+    if old.get("condition") != cfg.get("condition") and (is_conditioned(old) or is_conditioned(cfg)):
+        changed.append("condition")
     changed += [f"train.{k}" for k in RESULT_KEYS if old["train"][k] != cfg["train"][k]]
     if meta.get("train_index_sha256", index_sha) != index_sha:
         changed.append("the training shards (index.json)")
@@ -500,7 +532,7 @@ def _stop(stop: StopSignal, runtime: Runtime, step: int, ckpt_root: Path, bar: A
 
 
 def _finish(cfg: dict, out_dir: Path, runtime: Runtime, net: torch.nn.Module, ema: dict[str, torch.Tensor],
-            data_meta: dict, summary: dict) -> dict:
+            data_meta: dict, summary: dict, encoding: CovariateEncoding | None) -> dict:
     """Write model.safetensors, loss.png and train.json (rank 0); return train.json's content."""
     digests = [_weights_digest(net)]
     if runtime.world_size > 1:
@@ -519,6 +551,8 @@ def _finish(cfg: dict, out_dir: Path, runtime: Runtime, net: torch.nn.Module, em
     }
     if runtime.rank == 0:
         final_cfg = {"model": cfg["model"], "scheduler": cfg["scheduler"], "data": data_meta}
+        if encoding is not None:  # sampling needs nothing but this file
+            final_cfg["condition"] = {**encoding.to_dict(), "drop_prob": cfg["condition"]["drop_prob"]}
         ckpt.save_final(out_dir / "model.safetensors", ema, final_cfg, summary["steps"])
         with atomic_path(out_dir / "loss.csv") as tmp:
             shutil.copyfile(out_dir / "checkpoints" / "loss.csv", tmp)

@@ -1,6 +1,7 @@
 # Config validation, paths and targets. Logic lives in src/brainddpm.
 import os
 
+from brainddpm.conditioning import is_conditioned
 from brainddpm.config import dumps, validate_config
 from brainddpm.errors import ConfigError
 
@@ -12,6 +13,7 @@ except ConfigError as exc:
 R = config["results"]
 RUN = config["run"]
 DEMO_DIR = config["demo"]["out"]
+CONDITIONED = is_conditioned(config)  # condition.covariates set: a conditional model (CFG)
 DEMO_PARTICIPANTS = f"{DEMO_DIR}/participants.tsv" if config["demo"]["enabled"] else []
 
 
@@ -23,9 +25,12 @@ wildcard_constraints:
     sampler="ddpm|ddim",
 
 
-def stage_config(*sections):
-    """JSON of the config sections a step uses: rules rerun when (only) these change."""
-    return dumps({k: config[k] for k in sections})
+def stage_config(*sections, condition=False):
+    """JSON of the config sections a step uses: rules rerun when (only) these change. With `condition`,
+    the `condition` section too, but only for a conditional model: an unconditional run's params (and so
+    its outputs) stay exactly what they were before conditioning existed."""
+    keys = list(sections) + (["condition"] if condition and CONDITIONED else [])
+    return dumps({k: config[k] for k in keys})
 
 
 def sampler_config(wildcards):
@@ -34,6 +39,8 @@ def sampler_config(wildcards):
     sample = {**config["sample"], "samplers": [wildcards.sampler]}
     if wildcards.sampler != "ddim":
         sample.pop("ddim_steps", None)
+    for key in ("conditions", "guidance_scale"):  # the plan's keys (condition_plan): they reach the parts through it
+        sample.pop(key, None)
     return dumps({"sample": sample})
 
 
@@ -58,6 +65,7 @@ MODEL = f"{TRAIN_DIR}/model.safetensors"
 SAMPLES = f"{R}/samples/{RUN}"
 EVAL = f"{R}/eval/{RUN}"
 SAMPLERS = config["sample"]["samplers"]
+PLAN = f"{SAMPLES}/conditions.json" if CONDITIONED else []  # requested covariates per synthetic volume
 FID_WEIGHTS = config["evaluate"]["fid"]["weights"] or []
 
 
@@ -73,8 +81,12 @@ def sample_targets():
     return [p for s in SAMPLERS for p in sample_parts(s)]
 
 
+def conditioning_targets():
+    return [f"{EVAL}/{s}/conditioning.json" for s in SAMPLERS] if CONDITIONED else []
+
+
 def evaluate_targets():
-    return [f"{EVAL}/{s}/metrics.json" for s in SAMPLERS] + [f"{EVAL}/memorization.json"]
+    return [f"{EVAL}/{s}/metrics.json" for s in SAMPLERS] + [f"{EVAL}/memorization.json"] + conditioning_targets()
 
 
 def report_targets():

@@ -101,6 +101,28 @@ rule memorization:
         "--samples {input.samples} --out {output} 2> {log}"
 
 
+rule condition_check:
+    input:
+        train=f"{R}/shards/train/index.json",
+        real=f"{R}/shards/val/index.json",
+        samples=lambda wc: sample_parts(wc.sampler),
+    output:
+        f"{EVAL}/{{sampler}}/conditioning.json",
+    params:
+        cfg=stage_config("seed", "evaluate"),
+        train=lambda wc, input: os.path.dirname(input.train),
+        real=lambda wc, input: os.path.dirname(input.real),
+    benchmark:
+        f"{R}/benchmarks/evaluate/{RUN}-{{sampler}}-condition-check.tsv"
+    log:
+        f"{R}/logs/evaluate/{RUN}-{{sampler}}-condition-check.log",
+    conda:
+        "../envs/brainddpm.yaml"
+    shell:
+        "brainddpm condition-check --config-json {params.cfg:q} --train {params.train} --real {params.real} "
+        "--samples {input.samples} --out {output} 2> {log}"
+
+
 rule evaluate:
     input:
         evaluate_targets(),

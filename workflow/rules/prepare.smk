@@ -16,7 +16,11 @@ rule demo_cohort:
         "../envs/brainddpm.yaml"
     shell:
         "brainddpm demo-cohort --n {params.n} --seed {params.seed} --out {params.out} "
-        "--mosaic {params.out}/mosaic.png 2> {log}"
+        "--mosaic {params.out}/mosaic.png"
+        # the conditional demo's age effect; absent from the default demo's command (and its params)
+        + (" --ventricle-growth-mm {}".format(config["demo"]["ventricle_growth_mm"])
+           if config["demo"].get("ventricle_growth_mm") else "")
+        + " 2> {log}"
 
 
 rule manifest:
@@ -26,7 +30,7 @@ rule manifest:
         manifest=f"{R}/manifest.tsv",
         excluded=f"{R}/qc/excluded.tsv",
     params:
-        cfg=stage_config("datasets", "data"),
+        cfg=stage_config("datasets", "data", condition=True),
     threads: 4
     benchmark:
         f"{R}/benchmarks/manifest.tsv"
@@ -45,7 +49,7 @@ checkpoint split:
     output:
         splits=f"{R}/splits.tsv",
     params:
-        cfg=stage_config("data", "seed"),
+        cfg=stage_config("data", "seed", condition=True),
     benchmark:
         f"{R}/benchmarks/split.tsv"
     log:
@@ -62,7 +66,7 @@ rule shard:
     output:
         f"{R}/shards/{{split}}/shard-{{i}}.h5",
     params:
-        cfg=stage_config("data"),
+        cfg=stage_config("data", condition=True),
         index=lambda wc: int(wc.i),
     benchmark:
         f"{R}/benchmarks/shard/{{split}}-{{i}}.tsv"

@@ -10,6 +10,7 @@ rule report:
         real=f"{R}/shards/val/index.json",
         info=f"{TRAIN_DIR}/train.json",
         loss=f"{TRAIN_DIR}/loss.png",
+        conditioning=conditioning_targets(),
     output:
         md=f"{R}/report/report.md",
         table=report(f"{R}/report/metrics.md", caption="../report/metrics.rst", category="Metrics"),
@@ -34,4 +35,6 @@ rule report:
     shell:
         "brainddpm report --samplers {params.samplers} --metrics {input.metrics} "
         "--memorization {input.memorization} --samples {input.samples} --train {params.train} "
-        "--real {params.real} --run-dir {params.run_dir} --out {params.out} 2> {log}"
+        "--real {params.real} --run-dir {params.run_dir} --out {params.out}"
+        + (" --conditioning {input.conditioning}" if CONDITIONED else "")
+        + " 2> {log}"

@@ -1,9 +1,34 @@
 # Sampling stage: sample.jobs jobs per sampler; volume i always uses seed sample.base_seed + i.
 
 
+if CONDITIONED:
+
+    rule condition_plan:
+        input:
+            model=MODEL,
+            real=f"{R}/shards/val/index.json",
+        output:
+            PLAN,
+        params:
+            n=config["sample"]["n"],
+            conditions=dumps(config["sample"].get("conditions", "match_validation")),
+            guidance=config["sample"].get("guidance_scale", 1.0),
+            real=lambda wc, input: os.path.dirname(input.real),
+        benchmark:
+            f"{R}/benchmarks/sample/{RUN}-condition-plan.tsv"
+        log:
+            f"{R}/logs/sample/{RUN}-condition-plan.log",
+        conda:
+            "../envs/brainddpm.yaml"
+        shell:
+            "brainddpm condition-plan --n {params.n} --conditions-json {params.conditions:q} "
+            "--guidance-scale {params.guidance} --checkpoint {input.model} --real {params.real} --out {output} 2> {log}"
+
+
 rule sample_part:
     input:
         model=MODEL,
+        plan=PLAN,
     output:
         part=f"{SAMPLES}/{{sampler}}/part-{{part}}.h5",
         nifti=directory(f"{SAMPLES}/{{sampler}}/nifti-{{part}}"),
@@ -21,7 +46,9 @@ rule sample_part:
         "../envs/brainddpm.yaml"
     shell:
         "brainddpm sample --config-json {params.cfg:q} --checkpoint {input.model} --sampler {wildcards.sampler} "
-        "--part {params.part} --out {output.part} --nifti-dir {output.nifti} --sheet {output.sheet} 2> {log}"
+        "--part {params.part} --out {output.part} --nifti-dir {output.nifti} --sheet {output.sheet}"
+        + (" --plan {input.plan}" if CONDITIONED else "")
+        + " 2> {log}"
 
 
 rule sample:

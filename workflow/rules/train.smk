@@ -19,7 +19,7 @@ rule train:
         loss=f"{TRAIN_DIR}/loss.csv",
         plot=report(f"{TRAIN_DIR}/loss.png", caption="../report/loss.rst", category="Training"),
     params:
-        cfg=stage_config("run", "seed", "model", "scheduler", "train"),
+        cfg=stage_config("run", "seed", "model", "scheduler", "train", condition=True),
         shards=lambda wc, input: os.path.dirname(input.index),
         out=lambda wc, output: os.path.dirname(output.model),
     resources:
