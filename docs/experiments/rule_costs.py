@@ -20,12 +20,14 @@ from pathlib import Path
 PATTERNS = [  # (regex on the path below the benchmarks folder, rule)
     (r"^shard/\w+-index\.tsv$", "shard_index"),
     (r"^shard/", "shard"),
+    (r"^sample/.*-condition-plan\.tsv$", "condition_plan"),
     (r"^sample/", "sample_part"),
     (r"^train/", "train"),
     (r"^evaluate/.*-features\.tsv$", "features"),
     (r"^evaluate/.*-boot-\d+\.tsv$", "bootstrap"),
     (r"^evaluate/.*-gather\.tsv$", "gather_metrics"),
     (r"^evaluate/.*-memorization\.tsv$", "memorization"),
+    (r"^evaluate/.*-condition-check\.tsv$", "condition_check"),
     (r"^(\w+)\.tsv$", None),  # demo_cohort, manifest, split, report
 ]
 
