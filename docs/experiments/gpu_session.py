@@ -594,7 +594,7 @@ def markdown(s: Session) -> str:
                   + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in fl["by_category"].items()), ""]
 
     def row(r):
-        if not r:
+        if not isinstance(r, dict) or not r:
             return None
         if "error" in r or "skipped" in r:
             return f"| {r.get('variant', '?')} | {r.get('batch', '')} | {r.get('error') or r.get('skipped')} | | | | |"
@@ -619,7 +619,8 @@ def markdown(s: Session) -> str:
         lines += ["", f"loop / tutorial step: **{proj['samples_per_s'] / base['samples_per_s']:.2f}x**"]
     lines += ["", "## Levers (the loop's step, one at a time)", ""] + head
     for key, r in (sec.get("levers") or {}).items():
-        lines.append(row(r) or "")
+        if isinstance(r, dict):
+            lines.append(row(r) or "")
     for key in ("combined", "compiled"):
         r = sec.get(key)
         if r:
