@@ -671,6 +671,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-session-out")))
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting sections after this (s)")
+    p.add_argument("--resume-json", nargs="*", default=[],
+                   help="gpu_session.json files of an earlier call in the same sitting: their sections are kept "
+                        "(the first that exists is read), and the FLOP count and lever rows are reused")
     p.add_argument("--deadline", type=float, help="unix time after which no section starts (overrides --budget-s)")
     p.add_argument("--batch", type=int, default=2, help="micro-batch of the main rows (the reference: 2)")
     p.add_argument("--tiny", action="store_true", help="tiny model and shape on the CPU: checks every code path")
@@ -678,6 +681,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     s = Session(args.out, args.budget_s, args.tiny, args.batch)
     s.deadline = args.deadline
+    for prev in map(Path, args.resume_json):
+        if prev.exists():
+            old = json.loads(prev.read_text())
+            s.res["sections"].update(old.get("sections", {}))
+            s.res["earlier_commands"] = [*old.get("earlier_commands", []), old.get("command")]
+            s.flops = (s.res["sections"].get("flops") or {}).get("flops_per_sample")
+            log(f"kept the sections of {prev}: {', '.join(old.get('sections', {}))}")
+            break
     plan = [  # name, function, estimated seconds it needs on an H100 (the budget guard)
         ("env", s.env, 0), ("ceilings", s.ceilings, 5), ("flops", s.flop_count, 10),
         ("project", s.project, 40), ("baseline_fp16", lambda: s.baseline(), 30),
@@ -700,6 +711,10 @@ def main(argv=None) -> int:
             s.run(name, fn, 0 if args.tiny else need)
     md = markdown(s)
     (args.out / "gpu_session.md").write_text(md)
+    try:  # a later call in the same sitting (the machine still warm) can --resume-json it
+        Path("/tmp/gpu_session_last.json").write_text(json.dumps(s.res, indent=1, default=str))
+    except OSError:
+        pass
     print(md, flush=True)
     log("done")
     return 0
