@@ -621,7 +621,7 @@ def markdown(s: Session) -> str:
     for key, r in (sec.get("levers") or {}).items():
         if isinstance(r, dict):
             lines.append(row(r) or "")
-    for key in ("combined", "compiled"):
+    for key in ("combined", "compiled", "compiled_2x_batch"):
         r = sec.get(key)
         if r:
             lines.append(row({**r, "variant": f"{key}: {r.get('variant', '')}"}) or "")
@@ -696,6 +696,8 @@ def main(argv=None) -> int:
         ("levers", s.levers, 150), ("profile", s.profile, 25), ("data", s.data, 40),
         ("sampling", s.sampling, 120), ("allreduce", s.allreduce, 5),
         ("combined", s.combined, 25), ("compiled", s.compiled, 200),
+        ("compiled_2x_batch", lambda: s.lever(Levers(compile=True), batch=2 * s.batch,
+                                              **({} if s.tiny else {"steps": 6, "warmup": 2})), 150),
         ("project_accelerate", lambda: s.project("accelerate"), 40),
         ("tutorial_fp32", lambda: s.baseline(amp=False), 40),
         ("sampling_compiled", s.sampling_compiled, 150),
