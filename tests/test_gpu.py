@@ -101,3 +101,15 @@ def test_sampling_is_bitwise_identical_for_one_and_two_jobs_on_gpu(tmp_path):
     a, _ = _run(cfg, ckpt, tmp_path, 1, device="cuda")
     b, _ = _run(cfg, ckpt, tmp_path, 2, device="cuda")
     np.testing.assert_array_equal(a, b)
+
+
+def test_tutorial_baseline_and_levers_run_on_gpu():
+    from brainddpm.bench_train import Levers, bench_baseline, bench_levers
+
+    cfg, gpu = base_config(), torch.device("cuda")
+    shape = tuple(cfg["data"]["target_shape"])
+    b = bench_baseline(cfg, shape, 2, 2, gpu, warmup=1)
+    assert b["autocast_dtype"] == "fp16" and np.isfinite(b["final_loss"]) and b["peak_memory_bytes"] > 0
+    for levers in (Levers(), Levers(channels_last=True, fused_adam=True), Levers(checkpointing=True, flash=False)):
+        r = bench_levers(cfg, shape, 2, 2, gpu, levers, warmup=1)
+        assert np.isfinite(r["final_loss"]) and r["samples_per_s"] > 0

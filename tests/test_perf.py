@@ -32,3 +32,43 @@ def test_precision_auto_is_fp32_on_cpu_and_explicit_choices_are_kept():
     assert not perf.use_bf16("auto", cpu) and not perf.use_bf16("fp32", cpu) and perf.use_bf16("bf16", cpu)
     assert not perf.bf16_supported(cpu)
     assert perf.mfu(10**12, 1.0, cpu) is None
+
+
+def _tiny_cfg():
+    from helpers import base_config
+
+    return base_config(model={"channels": [8, 8, 16], "num_head_channels": 16, "use_flash_attention": True})
+
+
+def test_activation_checkpointing_keeps_the_loss_and_the_gradients():
+    from brainddpm.bench_train import apply_checkpointing
+    from brainddpm.model import build_model, build_scheduler, diffusion_loss
+
+    cfg = _tiny_cfg()
+    scheduler = build_scheduler(cfg["scheduler"])
+    x = torch.rand(2, 1, 16, 16, 16)
+    grads, losses = [], []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        net = build_model(cfg["model"])
+        if checkpointed:
+            apply_checkpointing(net)
+        loss = diffusion_loss(net, scheduler, x, torch.Generator().manual_seed(1))
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_lever_and_baseline_benches_run_and_report_on_cpu():
+    from brainddpm.bench_train import Levers, bench_baseline, bench_levers
+
+    cfg, cpu = _tiny_cfg(), torch.device("cpu")
+    r = bench_levers(cfg, (16, 16, 16), 2, 1, cpu, Levers(channels_last=True, fused_adam=True, checkpointing=True),
+                     warmup=1, flops=10**9)
+    assert r["samples_per_s"] > 0 and r["tflops_per_s"] > 0 and r["mfu"] is None
+    assert "channels_last_3d" in r["variant"] and "fused Adam" in r["variant"] and torch.isfinite(
+        torch.tensor(r["final_loss"]))
+    b = bench_baseline(cfg, (16, 16, 16), 2, 1, cpu, warmup=1, amp=False)
+    assert b["samples_per_s"] > 0 and b["autocast_dtype"] == "fp32" and "tutorial" in b["variant"]

@@ -2,7 +2,8 @@
 
 data:     volumes/s of NIfTI load + preprocessing (what a loader without shards does) against
           volumes/s read from HDF5 shards through ShardDataset, on the same images, per process.
-train:    steps/s, samples/s, MFU and peak memory of the UNet of a preset on this device.
+train:    steps/s, samples/s, MFU and peak memory of the UNet of a preset on this device, through the
+          training engine; on a GPU side by side with the MONAI 3D DDPM tutorial's step (bench_train.py).
 eval:     wall time of one point evaluation of every metric (Grams, MS-SSIM matrices, features)
           against the 1000 bootstrap resamples that index them.
 sampling: wall time of DDPM (all steps) against DDIM on the same trained model.
@@ -106,6 +107,14 @@ def bench_train_main(args) -> None:
     print(f"  achieved          : {r['tflops_per_s']:.2f} TFLOP/s")
     print(f"  MFU               : {_pct(r['mfu'])}")
     print(f"  peak memory       : {r['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if cuda:  # side by side: the MONAI 3D DDPM tutorial's step (fp16 + GradScaler), same model, shape and batch
+        from .bench_train import bench_baseline
+
+        b = bench_baseline(cfg, shape, args.batch, args.steps, torch.device("cuda"), flops=r["flops_per_sample"])
+        print(f"  baseline: {b['variant']}")
+        print(f"    samples/s       : {b['samples_per_s']:.3f}   (this loop: {r['samples_per_s'] / b['samples_per_s']:.2f}x)")
+        print(f"    MFU             : {_pct(b['mfu'])}")
+        print(f"    peak memory     : {b['peak_memory_bytes'] / 2**30:.2f} GiB")
 
 
 def bench_eval(n: int, shape, kernel: int, scales: int, n_boot: int, jobs: int, device: str) -> dict:
