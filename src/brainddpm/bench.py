@@ -93,13 +93,16 @@ def bench_train_main(args) -> None:
     shape = args.target_shape or cfg["data"]["target_shape"]
     overrides = {k: v for k, v in (("backend", args.backend), ("precision", args.precision)) if v}
     cfg["train"].update(overrides)
+    if args.compile:
+        cfg["train"]["compile"] = True
     import torch
 
     cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
     cfg["launch"]["gpus_per_node"] = 1 if cuda else 0  # one process on one device
     r = bench_train(cfg, shape, args.batch, args.steps)
     print(f"brainddpm bench train: preset {args.preset}, target {'x'.join(map(str, shape))}, batch {args.batch}, "
-          f"{args.steps} steps, {r['device']}, {r['backend']}, {r['precision']}")
+          f"{args.steps} steps, {r['device']}, {r['backend']}, {r['precision']}"
+          + (", torch.compile (warm-up steps include compiling)" if args.compile else ""))
     print(f"  parameters        : {r['parameters'] / 1e6:.1f} M")
     print(f"  FLOPs per sample  : {r['flops_per_sample'] / 1e12:.3f} TFLOP (forward + backward)")
     print(f"  steps/s           : {r['steps_per_s']:.3f}")

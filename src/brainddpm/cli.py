@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", choices=["deepspeed", "accelerate", "ddp"],
                    help="training engine to time (default: the preset's train.backend)")
     b.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default: the preset's train.precision")
+    b.add_argument("--compile", action="store_true", help="train.compile: torch.compile the UNet (CUDA only)")
     b = bsub.add_parser("eval", help="one point evaluation of all metrics vs the bootstrap resamples")
     b.add_argument("--n", type=int, default=86)
     b.add_argument("--shape", type=int, nargs=3, default=[84, 128, 84])

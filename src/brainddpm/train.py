@@ -190,6 +190,11 @@ class Engine:
         else:
             self.model, self.optimizer = net, optimizer
         self.device = runtime.device
+        if train_cfg.get("compile") and runtime.device.type == "cuda":  # +55% on one H100 (docs/benchmarks.md)
+            if self.backend == "deepspeed":
+                self.model.compile()  # DeepSpeedEngine.compile: the engine keeps its hooks around the compiled module
+            else:
+                self.model = torch.compile(self.model)
 
     def micro_step(self, x: torch.Tensor, generator: torch.Generator, boundary: bool,
                    context: torch.Tensor | None = None, drop_prob: float = 0.0) -> torch.Tensor:
