@@ -83,8 +83,8 @@ def _subject_warp(rng: np.random.Generator, ventricles: np.ndarray, atrophy: flo
     return ((grid - centre) * scale * (1 - pull) + centre + disp).unsqueeze(0)
 
 
-def enlarge_ventricles(templates: dict, distance: np.ndarray, grow_mm: float) -> dict:
-    """Templates whose ventricles reach `grow_mm` further: voxels that close to them become CSF.
+def enlarge_ventricles(templates: dict, distance: np.ndarray, csf: float, grow_mm: float) -> dict:
+    """Templates whose ventricles reach `grow_mm` further: voxels that close to them take the T1 value `csf`.
 
     `distance` is the distance (mm) of each voxel to the ventricle mask; the edge is one voxel soft.
     """
@@ -92,7 +92,6 @@ def enlarge_ventricles(templates: dict, distance: np.ndarray, grow_mm: float) ->
         return templates
     inside = templates["t1"] > 0.02
     m = (np.clip(grow_mm + 0.5 - distance, 0.0, 1.0) * inside).astype(np.float32)
-    csf = float(np.median(templates["t1"][distance == 0]))
     return {"t1": templates["t1"] * (1 - m) + csf * m, "gm": templates["gm"] * (1 - m), "wm": templates["wm"] * (1 - m)}
 
 
@@ -151,13 +150,14 @@ def write_cohort(n: int, seed: int, out: Path, mosaic: Path | None = None, progr
     templates = load_templates()
     ventricles = _ventricle_mask(templates)
     distance = ndimage.distance_transform_edt(~ventricles) if ventricle_growth_mm > 0 else None
+    csf = float(np.median(templates["t1"][ventricles]))  # the ventricles' own T1 value, for enlarge_ventricles
     affine = grid_affine(GRID_SHAPE, (1.0, 1.0, 1.0), GRID_ORIGIN)
     plan = plan_cohort(n, seed)
     paths = []
     for i, row in enumerate(tqdm(plan, desc="demo cohort", unit="vol", disable=not progress)):
         rng = np.random.default_rng([seed, i])
         atrophy = 0.1 + 0.35 * (row["age"] - 20) / 65  # ventricles grow with age
-        grown = enlarge_ventricles(templates, distance, ventricle_growth_mm * (row["age"] - 20) / 65) \
+        grown = enlarge_ventricles(templates, distance, csf, ventricle_growth_mm * (row["age"] - 20) / 65) \
             if distance is not None else templates
         img = make_subject(grown, ventricles, rng, atrophy, row["anatomy_seed"])
         scaled = np.round(img / max(img.max(), 1e-6) * 1000).astype(np.int16)
