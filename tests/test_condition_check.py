@@ -82,9 +82,9 @@ def test_a_generator_that_follows_the_condition_shows_the_age_effect(real_splits
     assert json.loads((tmp_path / "conditioning.json").read_text()) == doc
     diff = doc["ventricle_effect"]["age"]["difference"]
     assert (diff["high_stratum"], diff["low_stratum"]) == ("age=80", "age=25")
-    assert diff["value"] > 0 and diff["low"] > 0 and diff["excludes_zero"]
-    assert doc["ventricle_effect"]["age"]["slope_per_unit"]["low"] > 0
-    assert doc["real_ventricle_effect"]["age"]["slope_per_unit"]["low"] > 0
+    assert diff["value"] > 0 and diff["ci_low"] > 0 and diff["excludes_zero"]
+    assert doc["ventricle_effect"]["age"]["slope_per_unit"]["ci_low"] > 0
+    assert doc["real_ventricle_effect"]["age"]["slope_per_unit"]["ci_low"] > 0
     # the age predictor, fitted on training volumes only, reads age from validation and 'synthetic' volumes
     assert doc["real_validation"]["age"]["value"] < 12 and doc["synthetic"]["age"]["value"] < 12
     assert [s["stratum"] for s in doc["strata"]] == ["age=25", "age=80"]
@@ -101,5 +101,5 @@ def test_a_generator_that_ignores_the_condition_shows_none(real_splits, tmp_path
     doc = run_condition_check(300, 0, root / "train", root / "val", _samples(tmp_path / "s", encoding, shown, requested),
                               tmp_path / "conditioning.json")
     diff = doc["ventricle_effect"]["age"]["difference"]
-    assert not diff["excludes_zero"] and diff["low"] <= 0 <= diff["high"]
+    assert not diff["excludes_zero"] and diff["ci_low"] <= 0 <= diff["ci_high"]
     assert doc["synthetic"]["age"]["value"] > 15  # predicted ~52 where 25 or 80 was asked

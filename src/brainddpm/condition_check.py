@@ -86,13 +86,22 @@ def fit_predictors(encoding: dict, design: np.ndarray, covariates: list[dict]) -
     return out
 
 
-def _ci(rng: np.random.Generator, values: np.ndarray, n_boot: int, stat=np.mean) -> dict:
+def _interval(value: float, draws, n: int) -> dict:
+    """A point estimate with the percentile interval of its bootstrap `draws` (non-finite draws left out),
+    under the keys of the metrics' intervals (bootstrap.gather)."""
+    draws = np.asarray(draws, dtype=np.float64)
+    draws = draws[np.isfinite(draws)]
+    lo, hi = np.quantile(draws, [(1 - LEVEL) / 2, (1 + LEVEL) / 2]) if len(draws) else (np.nan, np.nan)
+    return {"value": float(value), "ci_low": float(lo), "ci_high": float(hi), "n": int(n)}
+
+
+def _ci(rng: np.random.Generator, values: np.ndarray, n_boot: int) -> dict:
+    """Mean of `values` with its bootstrap interval (volumes resampled with replacement)."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
-        return {"value": None, "low": None, "high": None, "n": 0}
-    draws = [stat(values[rng.integers(0, len(values), len(values))]) for _ in range(n_boot)]
-    lo, hi = np.quantile(draws, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return {"value": float(stat(values)), "low": float(lo), "high": float(hi), "n": int(len(values))}
+        return {"value": None, "ci_low": None, "ci_high": None, "n": 0}
+    draws = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(n_boot)]
+    return _interval(values.mean(), draws, len(values))
 
 
 def predict(model, design: np.ndarray) -> np.ndarray:
@@ -133,10 +142,7 @@ def _slope_ci(rng, x: np.ndarray, y: np.ndarray, n_boot: int) -> dict:
     for _ in range(n_boot):
         idx = rng.integers(0, len(x), len(x))
         draws.append(_slope(x[idx], y[idx]))
-    draws = np.asarray(draws)
-    draws = draws[np.isfinite(draws)]
-    lo, hi = np.quantile(draws, [(1 - LEVEL) / 2, (1 + LEVEL) / 2]) if len(draws) else (np.nan, np.nan)
-    return {"value": _slope(x, y), "low": float(lo), "high": float(hi), "n": int(len(x))}
+    return _interval(_slope(x, y), draws, len(x))
 
 
 def ventricle_effects(encoding: dict, ventricles: np.ndarray, requested: list[dict], strata: list[str], rng,
@@ -163,11 +169,10 @@ def ventricle_effects(encoding: dict, ventricles: np.ndarray, requested: list[di
                 a, b = ventricles[by_stratum[high]], ventricles[by_stratum[low]]
                 draws = [a[rng.integers(0, len(a), len(a))].mean() - b[rng.integers(0, len(b), len(b))].mean()
                          for _ in range(n_boot)]
-                lo, hi = np.quantile(draws, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-                entry["difference"] = {"high_stratum": high, "low_stratum": low, "high_value": means[high],
-                                       "low_value": means[low], "value": float(a.mean() - b.mean()),
-                                       "low": float(lo), "high": float(hi), "n_high": len(a), "n_low": len(b),
-                                       "excludes_zero": bool(lo > 0 or hi < 0)}
+                diff = _interval(a.mean() - b.mean(), draws, len(a) + len(b))
+                entry["difference"] = {**diff, "high_stratum": high, "low_stratum": low, "high_value": means[high],
+                                       "low_value": means[low], "n_high": len(a), "n_low": len(b),
+                                       "excludes_zero": bool(diff["ci_low"] > 0 or diff["ci_high"] < 0)}
         out[name] = entry
     return out
 
@@ -220,11 +225,11 @@ def stratum_table(encoding: dict, predictors: dict, design: np.ndarray, syn: np.
 def run_condition_check(n_boot: int, seed: int, train_dir: Path, val_dir: Path, parts: list[Path],
                         out: Path) -> dict:
     """Fit the predictors on the training split; score the validation split and the synthetic volumes."""
+    from .evaluate import select_synthetic
+
     train, train_meta, _ = read_volumes(split_files(train_dir))
     real, real_meta, _ = read_volumes(split_files(val_dir))
-    syn, syn_meta, _ = read_volumes(parts)
-    order = np.argsort([m["subject"] for m in syn_meta], kind="stable")
-    syn, syn_meta = syn[order], [syn_meta[i] for i in order]
+    syn, syn_meta = select_synthetic(parts, 10**9)  # every synthetic volume, by sample index
     if any("covariates" not in m for m in syn_meta):
         raise BadInputError(parts[0], "synthetic volumes without requested covariates: not from a conditional model")
     encoding = _encoding_from_parts(parts)
@@ -235,6 +240,7 @@ def run_condition_check(n_boot: int, seed: int, train_dir: Path, val_dir: Path, 
     real_cov = [m.get("covariates", {}) for m in real_meta]
     syn_cov = [m["covariates"] for m in syn_meta]
     ventricles = design["synthetic"][:, 2]
+    predicted = {k: predict(p, design["synthetic"]) for k, p in predictors.items()}
     doc = {
         "definitions": __doc__.split("\n\n")[1].strip(),
         "n_train": len(train), "n_val": len(real), "n_synthetic": len(syn),
@@ -248,7 +254,7 @@ def run_condition_check(n_boot: int, seed: int, train_dir: Path, val_dir: Path, 
         "real_ventricle_effect": ventricle_effects(
             encoding, design["train"][:, 2], train_cov, ["train"] * len(train_cov), rng, n_boot),
         "volumes": [{"subject": m["subject"], "stratum": m.get("stratum"), "requested": m["covariates"],
-                     "predicted": {k: _plain(predict(p, design["synthetic"][i:i + 1])[0]) for k, p in predictors.items()},
+                     "predicted": {k: _plain(v[i]) for k, v in predicted.items()},
                      "ventricle_fraction": float(ventricles[i])} for i, m in enumerate(syn_meta)],
     }
     with atomic_path(out) as tmp:
@@ -257,7 +263,7 @@ def run_condition_check(n_boot: int, seed: int, train_dir: Path, val_dir: Path, 
         if "difference" in entry:
             d = entry["difference"]
             log.info("ventricle fraction, %s %s minus %s: %.4f [%.4f, %.4f]", name, d["high_stratum"],
-                     d["low_stratum"], d["value"], d["low"], d["high"])
+                     d["low_stratum"], d["value"], d["ci_low"], d["ci_high"])
     return doc
 
 

@@ -147,16 +147,10 @@ def plot_memorization(memo: dict, syn: np.ndarray, train: np.ndarray, png: Path,
     plt.close(fig)
 
 
-def _ci_text(e: dict | None, digits: int = 3) -> str:
-    if not e or e.get("value") is None:
-        return "–"
-    return f"{e['value']:.{digits}f} [{e['low']:.{digits}f}–{e['high']:.{digits}f}]"
-
-
 def _score_text(e: dict | None) -> str:
     if not e:
         return "–"
-    text = _ci_text(e, 3 if e["kind"] == "accuracy" else 2)
+    text = fmt(e, 3 if e["kind"] == "accuracy" else 2)
     return text + (f" (majority {e['majority_rate']:.2f})" if e["kind"] == "accuracy" else "")
 
 
@@ -174,20 +168,20 @@ def conditioning_markdown(sampler: str, doc: dict) -> list[str]:
     rows = []
     for st in doc["strata"]:
         rows.append([st["stratum"], str(st["n"])] + [_score_text(st["scores"].get(n)) for n in names] +
-                    [_ci_text(st["ventricle_fraction"]), f"{st['mmd']:.4f} (vs {st['n_real_matching']} real)"
+                    [fmt(st["ventricle_fraction"]), f"{st['mmd']:.4f} (vs {st['n_real_matching']} real)"
                      if "mmd" in st else ("–" if "n_real_matching" not in st else "no matching real volume")])
     lines += ["Per stratum:", "", _md_table(["stratum", "n"] + [f"{n} {kinds[n]}" for n in names] +
                                             ["ventricle fraction", "MMD to matching real"], rows), ""]
     for name, eff in doc["ventricle_effect"].items():
         real = doc["real_ventricle_effect"].get(name, {}).get("slope_per_unit")
-        lines.append(f"- Ventricle fraction against requested {name}: slope {_ci_text(eff['slope_per_unit'], 5)} per "
-                     f"unit (real training volumes: {_ci_text(real, 5)}).")
+        lines.append(f"- Ventricle fraction against requested {name}: slope {fmt(eff['slope_per_unit'], 5)} per "
+                     f"unit (real training volumes: {fmt(real, 5)}).")
         if "difference" in eff:
             d = eff["difference"]
             verdict = ("the CI excludes zero: the requested " + name + " shows" if d["excludes_zero"]
                        else "the CI includes zero: no clear effect at this N")
             lines.append(f"- **{d['high_stratum']}** minus **{d['low_stratum']}**: ventricle fraction "
-                         f"{_ci_text(d, 4)} ({d['n_high']} vs {d['n_low']} volumes); {verdict}.")
+                         f"{fmt(d, 4)} ({d['n_high']} vs {d['n_low']} volumes); {verdict}.")
     return lines + [""]
 
 
