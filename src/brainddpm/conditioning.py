@@ -59,7 +59,7 @@ def parse_value(cov: dict, raw) -> float | str | None:
 
 
 def read_covariates(cond_cfg: dict, row: dict) -> dict:
-    """{name: parsed value or None} of one participants/manifest row ('dataset' falls back to the row's)."""
+    """{name: parsed value or None} of one participants/manifest row."""
     return {c["name"]: parse_value(c, row.get(c["name"])) for c in cond_cfg["covariates"]}
 
 
