@@ -166,6 +166,28 @@ def test_slurm_job_is_signalled_requeued_and_resumed(slurm_env, shards, tmp_path
 
 @pytest.mark.slurm
 @pytest.mark.slow
+def test_slurm_job_that_dies_without_results_fails_the_wait(slurm_env, shards, tmp_path):
+    """A job whose task dies without its result file (here scancel; for users an OOM kill or a lost node) fails
+    the wait and names the logs. The test cluster has no sacct, where submitit alone would wait forever."""
+    cfg = _cfg(train={"backend": "ddp", "micro_batch": 1, "max_steps": 500, "checkpoint_every": 1000},
+               launch={"executor": "slurm", "tasks_per_node": 1, "cpus_per_task": 1, "mem_gb": 1,
+                       "partition": slurm_env.partition, "time_min": 10})
+    job = submit_training(cfg, shards, tmp_path)
+    deadline = time.time() + 180
+    while not losses(tmp_path, live=True):
+        assert time.time() < deadline, "training made no progress"
+        time.sleep(0.2)
+    slurm_env.run("scancel", job.job_id)
+    started = time.time()
+    with pytest.raises(BrainDDPMError, match=rf"training job {job.job_id} failed: SLURM ended the job(.|\n)*"
+                                             r"_0_log.err"):
+        wait_training(job, squeue_every_s=1, grace_s=3)
+    assert time.time() - started < 90, "the wait outlived the job by far more than its grace"
+    assert not (tmp_path / "train.json").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_rerun_attaches_to_the_running_slurm_job_after_the_waiter_dies(slurm_env, shards, tmp_path):
     """Losing the login session kills `brainddpm train` (the waiter), not the SLURM job: a rerun waits for
     that same job instead of submitting a second one into the same checkpoint folder."""

@@ -53,11 +53,14 @@ def test_sbatch_job_is_recorded(slurm_cluster, tmp_path):
 
 
 def _gloo_all_reduce():
+    import datetime
+
     import torch
     import torch.distributed as dist
 
     env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    dist.init_process_group(backend="gloo", init_method="env://")
+    # bounded: a rank left alone must fail within the test's wait, not hang on for the default 30 min
+    dist.init_process_group(backend="gloo", init_method="env://", timeout=datetime.timedelta(seconds=60))
     try:
         t = torch.tensor([float(env.rank + 1)])
         dist.all_reduce(t)
@@ -71,7 +74,7 @@ def test_submitit_two_task_gloo(slurm_env, tmp_path):
     ex = _executor(tmp_path / "submitit", slurm_env, nodes=1, tasks_per_node=2, cpus_per_task=1,
                    name="smoke-gloo")
     job = ex.submit(_gloo_all_reduce)
-    results = job.results()  # one per task
+    results = slurm_env.wait_results(job, timeout=150)  # one per task
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in results)
     assert slurm_env.wait_job(job.job_id, timeout=30) == "COMPLETED"
@@ -125,7 +128,7 @@ def test_submitit_checkpoint_requeue(slurm_env, tmp_path):
     # submitit's own test hook job._interrupt(timeout=True) does the same
     slurm_env.run("scancel", "--signal=USR2", job.job_id)
     interrupted_at = step()
-    results = job.results()
+    results = slurm_env.wait_results(job, timeout=150)
     r0 = next(r for r in results if r["rank"] == 0)
     assert r0["final"] == total
     assert 0 < r0["start"] < total, r0  # resumed from the checkpointed progress

@@ -219,9 +219,45 @@ def submit_or_attach(cfg: dict, shards_dir: Path, out_dir: Path) -> submitit.Job
         return job
 
 
-def wait_training(job: submitit.Job) -> dict:
-    """Wait for the job; train.json's content from rank 0, or an error that names the job's logs."""
+def _wait_slurm_job(job: submitit.SlurmJob, squeue_every_s: float, grace_s: float) -> None:
+    """Return once every task of `job` has left its result file, or once SLURM has ended the job.
+
+    submitit learns that a job has ended from `sacct`. Where sacct does not answer (clusters without
+    accounting storage, the test cluster), a job that died without writing its result files (killed,
+    cancelled, out of memory, node lost) stays "UNKNOWN" and `job.results()` waits forever. So this also
+    asks squeue every `squeue_every_s`: once SLURM no longer runs or queues the job, the result files get
+    `grace_s` to appear (shared file systems lag); then the caller's `job.results()` fails.
+    """
+    ended_at, asked_at = None, 0.0
+    while not job.done():
+        if time.monotonic() - asked_at >= squeue_every_s:
+            asked_at = time.monotonic()
+            try:
+                state = slurm_job_state(job.job_id)
+            except BrainDDPMError:  # squeue did not answer this time: keep waiting
+                state = "PENDING"
+            if state in ACTIVE_STATES:
+                ended_at = None
+            elif ended_at is None:
+                ended_at = time.monotonic()
+                log.info("SLURM lists training job %s as %s; waiting up to %.0f s for its result files",
+                         job.job_id, state or "gone", grace_s)
+        if ended_at is not None and time.monotonic() - ended_at > grace_s:
+            raise BrainDDPMError(f"SLURM ended the job (squeue: {state or 'no longer listed'}) but not every "
+                                 f"task wrote its result within {grace_s:.0f} s (killed, cancelled, out of "
+                                 "memory or node lost?)")
+        time.sleep(1.0)
+
+
+def wait_training(job: submitit.Job, squeue_every_s: float = 30.0, grace_s: float = 120.0) -> dict:
+    """Wait for the job; train.json's content from rank 0, or an error that names the job's logs.
+
+    A SLURM job is also watched through squeue (`_wait_slurm_job`), so a job that ends without results
+    fails the wait instead of hanging it where sacct does not answer.
+    """
     try:
+        if isinstance(job, submitit.SlurmJob):
+            _wait_slurm_job(job, squeue_every_s, grace_s)
         return job.results()[0]
     except (UncompletedJobError, BrainDDPMError, RuntimeError) as exc:
         raise BrainDDPMError(f"training job {job.job_id} failed: {str(exc).strip()[-2000:]}\n"

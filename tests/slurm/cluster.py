@@ -103,6 +103,9 @@ BINARIES = {
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 PARTITION = "debug"
 NODE = "localhost"
+# job states after which SLURM runs the job no more (a requeued job passes through PENDING instead)
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED")
 # several nodes: network namespaces on a private bridge (PrivateNetwork)
 NETNS_PREFIX = "bddpm-node"
 BRIDGE = "bddpm-br0"
@@ -404,9 +407,7 @@ class Cluster:
         rec = _scontrol_jobs(self).get(str(job_id))
         return rec.get("JobState", "") if rec else ""
 
-    def wait_job(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                                            "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"),
-                 timeout: float = 60, poll: float = 0.5) -> str:
+    def wait_job(self, job_id: str, states=FINAL_STATES, timeout: float = 60, poll: float = 0.5) -> str:
         """Wait until the job reaches one of `states` (default: any final state); returns it."""
         deadline = time.time() + timeout
         state = ""
@@ -416,6 +417,44 @@ class Cluster:
                 return state
             time.sleep(poll)
         raise TimeoutError(f"job {job_id} still {state or 'unknown'} after {timeout:.0f}s\n{self.logs_tail()}")
+
+    def wait_results(self, job, timeout: float = 120, grace: float = 15, poll: float = 0.5) -> list:
+        """A submitit job's `results()`, bounded.
+
+        submitit learns that a job has ended from sacct, which this cluster lacks, so `job.results()` alone
+        waits forever for a task that died without its result file. This fails instead, with the job's
+        state, its tasks' logs and the daemons' logs, when the results are not all there within `timeout`
+        s, or `grace` s after SLURM ended the job; the job is cancelled first.
+        """
+        deadline, ended, state = time.time() + timeout, None, ""
+        while not job.done():
+            state = self.job_state(job.job_id)
+            now = time.time()
+            if state in FINAL_STATES:
+                ended = ended or now
+            if now > deadline or (ended and now - ended > grace):
+                self.run("scancel", str(job.job_id), check=False)
+                why = f"ended {state}" if ended else f"still {state or 'unknown'} after {timeout:.0f} s"
+                raise AssertionError(f"submitit job {job.job_id} {why} without every task's result\n"
+                                     + self.job_diagnostics(job))
+            time.sleep(poll)
+        return job.results()
+
+    def job_diagnostics(self, job) -> str:
+        """What to read when a submitit job went wrong: scontrol's record, the nodes, each task's log tails
+        and the daemons' log tails."""
+        from submitit.core.utils import JobPaths
+
+        record = self.run("scontrol", "-o", "show", "job", str(job.job_id), check=False, timeout=20)
+        out = [f"--- scontrol show job ---\n{(record.stdout or record.stderr).strip()}",
+               f"--- nodes: {self.node_state()} ---"]
+        for task in range(getattr(job, "num_tasks", 1) or 1):
+            paths = JobPaths(job.paths.folder, job.job_id, task_id=task)
+            for p in (paths.stdout, paths.stderr):
+                text = p.read_text(errors="replace").splitlines()[-30:] if p.exists() else ["(missing)"]
+                out.append(f"--- {p} ---\n" + "\n".join(text))
+        out.append(self.logs_tail())
+        return "\n".join(out)
 
     def logs_tail(self, n: int = 20) -> str:
         out = []
