@@ -60,7 +60,7 @@ def _gloo_all_reduce():
 
     env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     # bounded: a rank left alone must fail within the test's wait, not hang on for the default 30 min
-    dist.init_process_group(backend="gloo", init_method="env://", timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(backend="gloo", init_method="env://", timeout=datetime.timedelta(seconds=120))
     try:
         t = torch.tensor([float(env.rank + 1)])
         dist.all_reduce(t)
@@ -74,7 +74,7 @@ def test_submitit_two_task_gloo(slurm_env, tmp_path):
     ex = _executor(tmp_path / "submitit", slurm_env, nodes=1, tasks_per_node=2, cpus_per_task=1,
                    name="smoke-gloo")
     job = ex.submit(_gloo_all_reduce)
-    results = slurm_env.wait_results(job, timeout=150)  # one per task
+    results = slurm_env.wait_results(job, timeout=300)  # one per task
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in results)
     assert slurm_env.wait_job(job.job_id, timeout=30) == "COMPLETED"
