@@ -39,6 +39,18 @@ def _start_cluster(workdir, **kwargs):
         unavailable(str(e))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used a SLURM test cluster reports the cluster's queue, nodes and daemon logs."""
+    report = yield
+    if report.failed:
+        for name in ("slurm_cluster", "slurm_two_nodes"):
+            cluster = item.funcargs.get(name) if hasattr(item, "funcargs") else None
+            if cluster is not None:
+                report.sections.append((f"SLURM test cluster ({name})", cluster.state_dump()))
+    return report
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A running SLURM cluster (tests.slurm.cluster.Cluster).

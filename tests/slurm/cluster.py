@@ -446,13 +446,28 @@ class Cluster:
         from submitit.core.utils import JobPaths
 
         record = self.run("scontrol", "-o", "show", "job", str(job.job_id), check=False, timeout=20)
-        out = [f"--- scontrol show job ---\n{(record.stdout or record.stderr).strip()}",
-               f"--- nodes: {self.node_state()} ---"]
+        out = [f"--- scontrol show job ---\n{(record.stdout or record.stderr).strip()}"]
         for task in range(getattr(job, "num_tasks", 1) or 1):
             paths = JobPaths(job.paths.folder, job.job_id, task_id=task)
             for p in (paths.stdout, paths.stderr):
                 text = p.read_text(errors="replace").splitlines()[-30:] if p.exists() else ["(missing)"]
                 out.append(f"--- {p} ---\n" + "\n".join(text))
+        out.append(self.state_dump())
+        return "\n".join(out)
+
+    def state_dump(self) -> str:
+        """The queue (all states), the nodes with their reasons, and the daemons' log tails: what a failed
+        test adds to its report (conftest.py), so that a stuck or down node shows why."""
+        out = []
+        for title, cmd in (("squeue --states=all", ["squeue", "--states=all", "-o", "%i %j %T %r %M %N"]),
+                           ("sinfo -N", ["sinfo", "-N", "-o", "%N %P %t %E"])):
+            try:
+                r = self.run(*cmd, check=False, timeout=20)
+                out.append(f"--- {title} ---\n{(r.stdout or r.stderr).rstrip()}")
+            except (OSError, subprocess.SubprocessError) as exc:
+                out.append(f"--- {title} --- failed: {exc}")
+        dead = [f"{n} (rc={p.returncode})" for n, p in self.procs.items() if p.poll() is not None]
+        out.append(f"--- daemons: {'exited: ' + ', '.join(dead) if dead else 'all running'} ---")
         out.append(self.logs_tail())
         return "\n".join(out)
 
