@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 
-
 # --------------------------------------------------------------------------- SLURM
 # A one-node SLURM cluster on localhost (tests/slurm/cluster.py), started once
 # per session on first use and stopped at the end.  Skips with the reason where

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import csv
 from pathlib import Path
 
+import h5py
 import nibabel as nib
 import numpy as np
 import yaml
 
 from brainddpm.config import deep_merge, validate_config
-from brainddpm.nifti import grid_affine
+from brainddpm.data.nifti import grid_affine
+from brainddpm.data.shards import write_index, write_shard
+from brainddpm.sampling.sample import run_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = {"shape": [20, 24, 20], "spacing": [1.0, 1.0, 1.0], "origin": [-10.0, -12.0, -10.0]}
@@ -59,3 +63,96 @@ def bids_dataset(root, subjects: int, seed: int = 0, sessions: dict | None = Non
             p = Path(root) / sub / f"ses-{ses + 1}" / "anat" / f"{sub}_ses-{ses + 1}_T1w.nii.gz"
             paths.append(write_nifti(p, brain_volume(seed * 1000 + s * 10 + ses)))
     return paths
+
+
+# ---- tiny training runs (16^3 volumes) ----
+
+SHAPE = (16, 16, 16)
+
+
+def make_shards(split_dir: Path, n: int = 8, seed: int = 0) -> Path:
+    """A training split of `n` ellipsoid 'brains' of 16^3 voxels in [0, 1], in one shard."""
+    rng = np.random.default_rng(seed)
+    idx = np.indices(SHAPE).astype(np.float32)
+    vols = []
+    for _ in range(n):
+        r = sum(((idx[k] - 7.5) / rng.uniform(4, 7)) ** 2 for k in range(3))
+        vols.append((r < 1) * rng.uniform(0.5, 1.0) * (0.8 + 0.2 * np.sin(idx[0] / 2)))
+    summary = write_shard(split_dir / "shard-000.h5", np.stack(vols), [{"subject": f"s{i}"} for i in range(n)],
+                          grid_affine(SHAPE, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)), dtype="float32",
+                          compression="none")
+    write_index("train", [summary], split_dir / "index.json")
+    return split_dir
+
+
+def tiny_config(**train) -> dict:
+    """Reference config with a tiny UNet, 16^3 volumes, one CPU process, no workers."""
+    return base_config(
+        data={"target_shape": list(SHAPE)},
+        train={"max_steps": 6, "micro_batch": 2, "lr": 1e-3, "ema_decay": 0.9, "num_workers": 0,
+               "cache_in_memory": True, "checkpoint_every": 3, "keep_last": 2, "log_every": 2,
+               "backend": "ddp", "zero_stage": 0, **train},
+        launch={"executor": "inprocess", "gpus_per_node": 0, "max_requeues": 2},
+    )
+
+
+def losses(out_dir: Path, live: bool = False) -> list[tuple[int, float]]:
+    """Rows of loss.csv; `live`: the log that grows during training (checkpoints/loss.csv)."""
+    path = out_dir / "checkpoints" / "loss.csv" if live else out_dir / "loss.csv"
+    if live and not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def launch_config(**sections) -> dict:
+    return deep_merge(tiny_config(), sections)
+
+
+
+# ---- sampling ----
+
+def sample_jobs(cfg, ckpt, tmp, jobs, sampler="ddpm", device="cpu"):
+    """Sample 6 volumes (batch 2) in `jobs` sampling jobs; (volumes, names) in order."""
+    sc = {**cfg["sample"], "n": 6, "batch": 2, "jobs": jobs, "device": device, "ddim_steps": 5}
+    vols, names = [], []
+    for part in range(jobs):
+        out = tmp / f"j{jobs}" / f"part-{part:03d}.h5"
+        run_sample(sc, ckpt, sampler, part, out, tmp / f"j{jobs}" / f"nifti-{part:03d}", tmp / f"j{jobs}" / "s.png")
+        with h5py.File(out) as f:
+            vols.append(f["images"][()])
+            names += [s.decode() for s in f["subject"][()]]
+    return np.concatenate(vols), names
+
+
+
+# ---- conditioning: 'brains' whose ventricles grow with age ----
+
+COND = {"covariates": [{"name": "age", "type": "continuous"}, {"name": "sex", "type": "categorical"}],
+        "drop_prob": 0.15, "missing": "drop"}
+
+
+def aging_brains(ages, seed: int) -> np.ndarray:
+    """Ellipsoid 'brains' in [0, 1] whose dark core ('ventricles') widens with age (radius 1.5 voxels at 20,
+    4 at 85); tissue texture and size vary at random."""
+    rng = np.random.default_rng(seed)
+    idx = np.indices(SHAPE).astype(np.float32)
+    out = []
+    for age in ages:
+        radii = rng.uniform(5.5, 7.0, size=3)
+        r = sum(((idx[k] - 7.5) / radii[k]) ** 2 for k in range(3))
+        core = 1.5 + 2.5 * (age - 20) / 65
+        c = sum((idx[k] - 7.5) ** 2 for k in range(3)) < core ** 2
+        tissue = 0.75 + 0.1 * np.sin(idx[1] / 1.5 + rng.uniform(0, 6))
+        out.append(((r < 1) * np.where(c, 0.2, tissue)).astype(np.float32))
+    return np.stack(out)[:, None]
+
+
+def write_split(path, vols, covariates, split="train", **extra) -> list:
+    meta = [{"subject": f"s{i:03d}", "covariates": c, **{k: v[i] for k, v in extra.items()}}
+            for i, c in enumerate(covariates)]
+    summary = write_shard(path / "shard-000.h5", vols, meta, grid_affine(SHAPE, (1.0,) * 3, (0.0,) * 3),
+                          dtype="float32", compression="none")
+    write_index(split, [summary], path / "index.json")
+    return [path / "shard-000.h5"]
+

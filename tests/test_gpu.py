@@ -6,22 +6,19 @@ losses, and sampling that is bit-for-bit the same for one and two jobs at the sa
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import base_config
+from helpers import SHAPE, base_config, losses, make_shards, sample_jobs, tiny_config
 from safetensors.torch import load_file
-from test_sample import _run
-from test_train import SHAPE, losses, make_shards, tiny_config
 
-from brainddpm.checkpoint import save_final
 from brainddpm.config import deep_merge
-from brainddpm.model import build_model, build_scheduler
-from brainddpm.nifti import target_affine
-from brainddpm.runtime import scoped_environment, setup_runtime
-from brainddpm.train import Engine, RunPlan, train
+from brainddpm.data.nifti import target_affine
+from brainddpm.models.diffusion import build_model, build_scheduler
+from brainddpm.models.final import save_final
+from brainddpm.training.loop import Engine, RunPlan, train
+from brainddpm.training.runtime import scoped_environment, setup_runtime
 
 pytestmark = [
     pytest.mark.gpu,
@@ -98,13 +95,13 @@ def test_sampling_is_bitwise_identical_for_one_and_two_jobs_on_gpu(tmp_path):
     data = {"target_shape": cfg["data"]["target_shape"], "affine": target_affine(cfg["data"]).tolist(),
             "intensity_range": [0.0, 1.0]}
     save_final(ckpt, net.state_dict(), {"model": cfg["model"], "scheduler": cfg["scheduler"], "data": data}, step=1)
-    a, _ = _run(cfg, ckpt, tmp_path, 1, device="cuda")
-    b, _ = _run(cfg, ckpt, tmp_path, 2, device="cuda")
+    a, _ = sample_jobs(cfg, ckpt, tmp_path, 1, device="cuda")
+    b, _ = sample_jobs(cfg, ckpt, tmp_path, 2, device="cuda")
     np.testing.assert_array_equal(a, b)
 
 
 def test_tutorial_baseline_and_levers_run_on_gpu():
-    from brainddpm.bench_train import Levers, bench_baseline, bench_levers
+    from brainddpm.bench.train import Levers, bench_baseline, bench_levers
 
     cfg, gpu = base_config(), torch.device("cuda")
     shape = tuple(cfg["data"]["target_shape"])

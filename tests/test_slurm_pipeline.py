@@ -206,7 +206,7 @@ class Pipeline:
         """Once the training job runs and has a valid checkpoint: the time-limit signal to it, once, and
         the login session dies: Snakemake and everything it started locally (the waiting `brainddpm
         train`) are SIGKILLed, with no chance to cancel or clean up anything."""
-        from brainddpm.checkpoint import find_latest
+        from brainddpm.training.checkpoint import find_latest
 
         if self.kill:
             return

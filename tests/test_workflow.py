@@ -156,8 +156,8 @@ def test_unconditional_outputs_carry_no_covariates(demo_run):
     """The unconditional path is what it was before conditioning: no covariate columns, datasets or model keys."""
     import h5py
 
-    from brainddpm.checkpoint import read_final
-    from brainddpm.manifest import MANIFEST_COLUMNS, SPLIT_COLUMNS
+    from brainddpm.data.manifest import MANIFEST_COLUMNS, SPLIT_COLUMNS
+    from brainddpm.models.final import read_final
 
     res = demo_run[0] / "results"
     assert (res / "manifest.tsv").read_text().splitlines()[0].split("\t") == MANIFEST_COLUMNS

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import yaml
 
-from brainddpm import metrics
-from brainddpm.checkpoint import load_final
 from brainddpm.config import deep_merge, load_config, validate_config
-from brainddpm.sample import contact_sheet, denoise, make_scheduler
-from brainddpm.shards import read_volumes, split_files
-from brainddpm.train import train
+from brainddpm.data.shards import read_volumes, split_files
+from brainddpm.evaluation import metrics
+from brainddpm.models.final import load_final
+from brainddpm.sampling.sample import contact_sheet, denoise, make_scheduler
+from brainddpm.training.loop import train
 
 shards, out_root, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 over = yaml.safe_load(sys.argv[4]) if len(sys.argv) > 4 else {}

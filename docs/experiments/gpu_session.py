@@ -33,12 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from brainddpm.bench import _preset  # noqa: E402
-from brainddpm.bench_train import (Levers, _cleanup, bench_baseline, bench_levers, bench_train,  # noqa: E402
-                                   build_step, is_oom)
+from brainddpm.bench.suite import _preset  # noqa: E402
+from brainddpm.bench.train import Levers, _cleanup, bench_baseline, bench_levers, bench_train, build_step, is_oom  # noqa: E402
 from brainddpm.config import deep_merge  # noqa: E402
-from brainddpm.model import build_model  # noqa: E402
-from brainddpm.perf import device_name, flops_per_sample, synchronize  # noqa: E402
+from brainddpm.models.diffusion import build_model  # noqa: E402
+from brainddpm.training.perf import device_name, flops_per_sample, synchronize  # noqa: E402
 
 START = time.monotonic()
 DATE = "2026-11-22"
@@ -333,9 +332,9 @@ class Session:
         """DataLoader from lzf HDF5 shards (the loop's settings) feeding the loop's step: data vs compute time."""
         from torch.utils.data import DataLoader
 
-        from brainddpm.dataset import ShardDataset
-        from brainddpm.nifti import grid_affine
-        from brainddpm.shards import write_shard
+        from brainddpm.data.dataset import ShardDataset
+        from brainddpm.data.nifti import grid_affine
+        from brainddpm.data.shards import write_shard
 
         n, per_shard = (8, 4) if self.tiny else (32, 8)
         tmp = Path(tempfile.mkdtemp(prefix="bd-shards-"))
@@ -398,8 +397,8 @@ class Session:
 
     def sampling(self) -> dict:
         """The sampler's own denoise(): seconds per denoising step per batch, then variants, then DDIM-50 in full."""
-        from brainddpm.model import build_ddim, build_scheduler
-        from brainddpm.sample import denoise
+        from brainddpm.models.diffusion import build_ddim, build_scheduler
+        from brainddpm.sampling.sample import denoise
 
         torch.manual_seed(0)
         net = build_model(self.cfg["model"]).to(self.device).eval()
@@ -475,8 +474,8 @@ class Session:
         return rows
 
     def sampling_compiled(self) -> dict:
-        from brainddpm.sample import denoise
-        from brainddpm.model import build_scheduler
+        from brainddpm.models.diffusion import build_scheduler
+        from brainddpm.sampling.sample import denoise
 
         s = self.res["sections"].get("sampling") or {}
         b = s.get("best_batch") or (2 if self.tiny else 8)

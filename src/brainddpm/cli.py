@@ -14,8 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import BrainDDPMError
+from brainddpm import __version__
+from brainddpm.errors import BrainDDPMError
 
 log = logging.getLogger("brainddpm")
 
@@ -28,7 +28,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args) -> dict:
-    from .config import load_config, validate_config
+    from brainddpm.config import load_config, validate_config
 
     if args.config_json:
         return validate_config(json.loads(args.config_json), partial=True)
@@ -36,7 +36,7 @@ def _config(args) -> dict:
 
 
 def cmd_demo_cohort(args) -> None:
-    from .demo import write_cohort
+    from brainddpm.data.demo import write_cohort
 
     paths = write_cohort(args.n, args.seed, args.out, mosaic=args.mosaic, progress=sys.stderr.isatty(),
                          ventricle_growth_mm=args.ventricle_growth_mm)
@@ -44,32 +44,32 @@ def cmd_demo_cohort(args) -> None:
 
 
 def cmd_manifest(args) -> None:
-    from .prepare import run_manifest
+    from brainddpm.data.prepare import run_manifest
 
     run_manifest(_config(args), args.manifest, args.excluded, jobs=args.jobs)
 
 
 def cmd_split(args) -> None:
-    from .prepare import run_split
+    from brainddpm.data.prepare import run_split
 
     run_split(_config(args), args.manifest, args.out)
 
 
 def cmd_shard(args) -> None:
-    from .prepare import run_shard
+    from brainddpm.data.prepare import run_shard
 
     run_shard(_config(args), args.splits, args.split, args.index, args.out)
 
 
 def cmd_index(args) -> None:
-    from .prepare import run_index
+    from brainddpm.data.prepare import run_index
 
     run_index(args.split, args.shards, args.out)
 
 
 def cmd_train(args) -> None:
-    from .config import validate_config
-    from .launch import run_training
+    from brainddpm.config import validate_config
+    from brainddpm.training.launch import run_training
 
     cfg = _config(args)
     if args.launch_json:  # the workflow passes `launch` apart: where a job runs does not retrain a model
@@ -79,7 +79,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from .sample import run_sample
+    from brainddpm.sampling.sample import run_sample
 
     cfg = _config(args)
     run_sample(cfg["sample"], args.checkpoint, args.sampler, args.part, args.out, args.nifti_dir, args.sheet,
@@ -87,9 +87,8 @@ def cmd_sample(args) -> None:
 
 
 def cmd_condition_plan(args) -> None:
-    from .sample import run_condition_plan
-
-    from .config import load_config
+    from brainddpm.config import load_config
+    from brainddpm.sampling.plan import run_condition_plan
 
     if args.config:
         sample = load_config(args.config)["sample"]
@@ -103,24 +102,24 @@ def cmd_condition_plan(args) -> None:
 
 
 def cmd_condition_check(args) -> None:
-    from .condition_check import run_condition_check
-    from .config import eval_seed
+    from brainddpm.config import eval_seed
+    from brainddpm.evaluation.condition_check import run_condition_check
 
     cfg = _config(args)
     run_condition_check(cfg["evaluate"]["bootstrap"], eval_seed(cfg), args.train, args.real, args.samples, args.out)
 
 
 def cmd_features(args) -> None:
-    from .config import eval_seed
-    from .evaluate import run_features
+    from brainddpm.config import eval_seed
+    from brainddpm.evaluation.evaluate import run_features
 
     cfg = _config(args)
     run_features(cfg["evaluate"], eval_seed(cfg), args.real, args.samples, args.out, args.ids, args.device)
 
 
 def cmd_bootstrap(args) -> None:
-    from .config import eval_seed
-    from .evaluate import run_bootstrap
+    from brainddpm.config import eval_seed
+    from brainddpm.evaluation.evaluate import run_bootstrap
 
     cfg = _config(args)
     ev = cfg["evaluate"]
@@ -128,14 +127,14 @@ def cmd_bootstrap(args) -> None:
 
 
 def cmd_gather(args) -> None:
-    from .evaluate import run_gather
+    from brainddpm.evaluation.evaluate import run_gather
 
     run_gather(args.inputs, args.ids, args.chunks, args.out)
 
 
 def cmd_memorization(args) -> None:
-    from .config import eval_seed
-    from .evaluate import run_memorization
+    from brainddpm.config import eval_seed
+    from brainddpm.evaluation.evaluate import run_memorization
 
     cfg = _config(args)
     run_memorization(cfg["evaluate"]["memorization"], eval_seed(cfg), args.train, args.real, cfg["evaluate"]["n"],
@@ -143,13 +142,13 @@ def cmd_memorization(args) -> None:
 
 
 def cmd_fetch_weights(args) -> None:
-    from .medicalnet import download_weights
+    from brainddpm.evaluation.medicalnet import download_weights
 
     download_weights(args.url, args.out)
 
 
 def cmd_report(args) -> None:
-    from .report import write_report
+    from brainddpm.evaluation.report import write_report
 
     if len(args.metrics) != len(args.samplers):
         raise BrainDDPMError("give one --metrics file per --samplers entry")
@@ -164,7 +163,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from . import bench
+    from brainddpm.bench import suite as bench
 
     bench.main(args)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from .errors import ConfigError
+from brainddpm.errors import ConfigError
 
 SCHEMA_PATH = files("brainddpm") / "schemas" / "config.schema.yaml"
 
@@ -224,3 +224,13 @@ def eval_seed(cfg: dict) -> int:
 def dumps(cfg: dict) -> str:
     """Compact, key-sorted JSON: what rules pass to the command line (and what Snakemake compares)."""
     return json.dumps(cfg, sort_keys=True, separators=(",", ":"))
+
+
+def covariate_names(cond_cfg: dict | None) -> list[str]:
+    return [c["name"] for c in (cond_cfg or {}).get("covariates", [])]
+
+
+def is_conditioned(cfg: dict) -> bool:
+    """True when the config asks for a conditional model (`condition.covariates` not empty)."""
+    return bool(covariate_names(cfg.get("condition")))
+

@@ -16,3 +16,7 @@ class BadInputError(BrainDDPMError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+class CheckpointError(BrainDDPMError):
+    """A checkpoint or model file cannot be used: corrupt, unsafe, or from an incompatible run."""

@@ -1,7 +1,7 @@
 # Config validation, paths and targets. Logic lives in src/brainddpm.
 import os
 
-from brainddpm.conditioning import is_conditioned
+from brainddpm.config import is_conditioned
 from brainddpm.config import dumps, validate_config
 from brainddpm.errors import ConfigError
 
@@ -46,7 +46,7 @@ def sampler_config(wildcards):
 
 def shard_files(wildcards):
     """Shards of one split, known once the split checkpoint has run."""
-    from brainddpm.prepare import n_shards
+    from brainddpm.data.prepare import n_shards
 
     splits = checkpoints.split.get().output.splits
     n = n_shards(splits, wildcards.split, config["data"]["volumes_per_shard"])

@@ -1,0 +1,306 @@
+"""Training throughput through the training loop's own engine: samples/s, MFU and peak memory.
+
+`bench_train` builds the same `Engine` the training loop uses (DeepSpeed, Accelerate or DDP, with the
+configured precision), so the figure it prints is the figure of that backend, not of a bare model.
+Timing is CUDA-synchronised and excludes `warmup` steps (cuDNN autotuning, allocator growth).
+
+`bench_baseline` times the MONAI 3D DDPM tutorial's training step as a user copies it (MONAI's
+`DiffusionInferer`, `torch.autocast` fp16 with a `GradScaler`, no compile, no cuDNN autotuning, a
+`loss.item()` per step) on the same model, shape and batch: the reference the GPU path is compared with.
+
+`bench_levers` times the loop's own step (what `Engine` does for backend "ddp" on one process, plus the
+loop's EMA update) with one lever at a time switched: precision, `channels_last_3d`, SDPA/flash
+attention in MONAI's attention blocks, `torch.compile`, fused Adam, activation checkpointing. The levers
+that need a change of model.py or train.py are applied here, to the bare UNet, so they can be measured
+before anyone changes those files.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from brainddpm.models.diffusion import build_model, build_scheduler, diffusion_loss
+from brainddpm.training.loop import Engine, RunPlan, ema_decay_at, ema_update
+from brainddpm.training.perf import (
+    autocast,
+    device_name,
+    flops_per_sample,
+    mfu,
+    peak_memory,
+    reset_peak_memory,
+    synchronize,
+    use_bf16,
+)
+from brainddpm.training.runtime import scoped_environment, setup_runtime
+
+
+def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3, ema: bool = False) -> dict:
+    """Time `steps` optimizer steps of `batch` random volumes after `warmup` untimed ones, in this process.
+
+    `cfg` needs the model, scheduler, train and launch sections; train.backend and train.precision pick
+    the engine and precision exactly as in training (gradient accumulation 1, micro-batch `batch`).
+    `ema`: also update an fp32 EMA of the weights after each step, as the training loop does.
+    """
+    train_cfg = {**cfg["train"], "micro_batch": batch, "grad_accum": 1}
+    with scoped_environment():
+        runtime = setup_runtime(train_cfg["backend"], cfg["launch"]["gpus_per_node"],
+                                cfg["launch"]["collective_timeout_s"])
+        device = runtime.device
+        torch.manual_seed(0)
+        net = build_model(cfg["model"]).to(device).train()
+        scheduler = build_scheduler(cfg["scheduler"])
+        plan = RunPlan(batch, 1, 1, steps, warmup + steps, use_bf16(train_cfg["precision"], device))
+        flops = flops_per_sample(net, target_shape, device, plan.bf16, scheduler.num_train_timesteps)
+        engine = Engine(train_cfg, plan, runtime, net, scheduler)
+        x = torch.rand(batch, 1, *target_shape, device=device)
+        generator = torch.Generator(device=device).manual_seed(0)
+        averaged = {k: v.detach().clone().float() for k, v in net.state_dict().items()} if ema else None
+        try:
+            t0 = 0.0
+            for i in range(warmup + steps):
+                if i == warmup:
+                    synchronize(device)
+                    reset_peak_memory(device)
+                    t0 = time.perf_counter()
+                loss = engine.micro_step(x, generator, boundary=True)
+                if averaged is not None:
+                    ema_update(averaged, net, ema_decay_at(i, cfg["train"]["ema_decay"]))
+            synchronize(device)
+            elapsed = time.perf_counter() - t0
+        finally:
+            engine.close()
+            if runtime.owns_group and runtime.world_size > 1 and dist.is_initialized():
+                dist.destroy_process_group()
+    samples_per_s = steps * batch / elapsed
+    return {
+        "device": device_name(device), "backend": train_cfg["backend"], "precision": plan.precision,
+        "batch": batch, "steps": steps, "target_shape": list(target_shape),
+        "parameters": sum(p.numel() for p in net.parameters()), "steps_per_s": steps / elapsed,
+        "samples_per_s": samples_per_s, "flops_per_sample": flops, "tflops_per_s": flops * samples_per_s / 1e12,
+        "mfu": mfu(flops, samples_per_s, device, plan.precision), "peak_memory_bytes": peak_memory(device),
+        "final_loss": float(loss), "ema": ema,
+    }
+
+
+# ---- the MONAI tutorial's step (the baseline) and the levers, on the bare UNet -----------------------------
+
+
+def _timed(step, device: torch.device, warmup: int, steps: int) -> dict:
+    """Run `step()` warmup + steps times; time the last `steps` (CUDA-synchronised, per step and in all)."""
+    step_s = []
+    t_first = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - t_first
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        synchronize(device)
+        step_s.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - t0
+    return {"elapsed_s": elapsed, "warmup_s": warmup_s, "step_s_median": statistics.median(step_s),
+            "step_s_min": min(step_s), "step_s_max": max(step_s)}
+
+
+def _result(name: str, device, batch: int, steps: int, timing: dict, flops: int | None, precision: str,
+            mem_before: int, **extra) -> dict:
+    samples_per_s = steps * batch / timing["elapsed_s"]
+    peak = peak_memory(device)
+    return {"variant": name, "device": device_name(device), "batch": batch, "steps": steps, **timing,
+            "samples_per_s": samples_per_s, "flops_per_sample": flops,
+            "tflops_per_s": flops * samples_per_s / 1e12 if flops else None,
+            "mfu": mfu(flops, samples_per_s, device, "bf16"),  # all rows against the bf16 peak: comparable
+            "mfu_own_precision": mfu(flops, samples_per_s, device, precision), "precision": precision,
+            "peak_memory_bytes": peak, "peak_memory_above_start_bytes": peak - mem_before
+            if device.type == "cuda" else None, **extra}
+
+
+def _cleanup(device: torch.device) -> int:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(torch.cuda.memory_allocated(device))
+    return 0
+
+
+def bench_baseline(cfg: dict, target_shape, batch: int, steps: int, device: torch.device, warmup: int = 3,
+                   amp: bool = True, flash: bool = False, cudnn_benchmark: bool = False,
+                   flops: int | None = None) -> dict:
+    """The MONAI 3D DDPM tutorial's training step, as a user copies it, on the configured UNet.
+
+    Tutorial (Project-MONAI/tutorials, generation/3d_ddpm): `DiffusionInferer(scheduler)`, Adam at 5e-5,
+    `GradScaler("cuda")`, `with autocast(device_type="cuda", enabled=use_amp)` (fp16 on CUDA) around the noise,
+    timesteps, `inferer(...)` and the MSE, `scaler.scale(loss).backward()`, `scaler.step`, `scaler.update`,
+    `loss.item()` every step; no gradient clipping, no EMA, no compile, no cuDNN autotuning, and
+    `use_flash_attention` left at MONAI's default (False) unless `flash`. `amp=False` is the tutorial as it
+    ships (use_amp = False: fp32, TF32 convolutions by PyTorch's default).
+    """
+    from monai.inferers import DiffusionInferer
+    from torch.amp import GradScaler
+
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    mem_before = _cleanup(device)
+    try:
+        torch.manual_seed(0)
+        model = build_model({**cfg["model"], "use_flash_attention": flash}).to(device).train()
+        scheduler = build_scheduler(cfg["scheduler"])
+        inferer = DiffusionInferer(scheduler)
+        optimizer = torch.optim.Adam(params=model.parameters(), lr=5e-5)
+        scaler = GradScaler(device.type)
+        images = torch.rand(batch, 1, *target_shape, device=device)
+        losses = []
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, enabled=amp):
+                noise = torch.randn_like(images).to(device)
+                timesteps = torch.randint(0, scheduler.num_train_timesteps, (images.shape[0],),
+                                          device=images.device).long()
+                noise_pred = inferer(inputs=images, diffusion_model=model, noise=noise, timesteps=timesteps)
+                loss = F.mse_loss(noise_pred.float(), noise.float())
+            if amp:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            losses.append(loss.item())
+
+        timing = _timed(step, device, warmup, steps)
+        dtype = (torch.get_autocast_dtype(device.type) if hasattr(torch, "get_autocast_dtype")
+                 else torch.float16) if amp else None
+        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+        name = f"MONAI tutorial step ({precision}{', GradScaler' if amp else ''}" \
+               f"{', flash attention' if flash else ''}{', cudnn.benchmark' if cudnn_benchmark else ''})"
+        return _result(name, device, batch, steps, timing, flops, "bf16" if amp else "fp32", mem_before,
+                       final_loss=losses[-1], autocast_dtype=precision, flash=flash, cudnn_benchmark=cudnn_benchmark)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+@dataclass(frozen=True)
+class Levers:
+    """One configuration of the loop's step. The defaults are the loop as it is (model.py/train.py)."""
+    precision: str = "bf16"  # "bf16" (autocast over fp32 weights) or "fp32" (TF32 convolutions, PyTorch's default)
+    channels_last: bool = False  # model and input in torch.channels_last_3d
+    flash: bool = True  # use_flash_attention: SDPA in MONAI's attention blocks (the reference config's value)
+    compile: bool = False  # torch.compile of the UNet (default mode)
+    fused_adam: bool = False  # torch.optim.Adam(fused=True) instead of the foreach default
+    checkpointing: bool = False  # activation checkpointing of every down, middle and up block
+    ema: bool = True  # the loop's EMA update after each step
+    cudnn_benchmark: bool = True  # what setup_runtime sets on GPUs
+
+    def label(self) -> str:
+        on = [self.precision]
+        on += ["channels_last_3d"] if self.channels_last else []
+        on += [] if self.flash else ["math attention"]
+        on += ["torch.compile"] if self.compile else []
+        on += ["fused Adam"] if self.fused_adam else []
+        on += ["activation checkpointing"] if self.checkpointing else []
+        on += [] if self.ema else ["no EMA"]
+        on += [] if self.cudnn_benchmark else ["no cudnn.benchmark"]
+        return ", ".join(on)
+
+
+def apply_checkpointing(net: torch.nn.Module) -> torch.nn.Module:
+    """Recompute each down, middle and up block of a DiffusionModelUNet in the backward pass (in place).
+
+    Only the blocks' inputs are kept between forward and backward; each block's forward runs twice.
+    Non-reentrant checkpointing keeps the autocast state and accepts the blocks' keyword arguments.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(block: torch.nn.Module) -> None:
+        inner = block.forward
+
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return inner(*args, **kwargs)
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+    for block in [*net.down_blocks, net.middle_block, *net.up_blocks]:
+        wrap(block)
+    return net
+
+
+def build_step(cfg: dict, target_shape, batch: int, device: torch.device, levers: Levers):
+    """The loop's step with `levers`: returns (step function, the bare UNet, the optimizer, the model called)."""
+    torch.manual_seed(0)
+    net = build_model({**cfg["model"], "use_flash_attention": levers.flash}).to(device).train()
+    fmt = torch.channels_last_3d if levers.channels_last else torch.contiguous_format
+    if levers.channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+    if levers.checkpointing:
+        apply_checkpointing(net)
+    model = torch.compile(net) if levers.compile else net
+    train_cfg = cfg["train"]
+    optimizer = torch.optim.Adam(net.parameters(), lr=train_cfg["lr"], betas=tuple(train_cfg["betas"]),
+                                 weight_decay=train_cfg["weight_decay"],
+                                 **({"fused": True} if levers.fused_adam else {}))
+    scheduler = build_scheduler(cfg["scheduler"])
+    bf16 = levers.precision == "bf16"
+    x = torch.rand(batch, 1, *target_shape, device=device).contiguous(memory_format=fmt)
+    generator = torch.Generator(device=device).manual_seed(0)
+    ema = {k: v.detach().clone().float() for k, v in net.state_dict().items()} if levers.ema else None
+    grad_clip = train_cfg["grad_clip"]
+    state = {"step": 0, "loss": None}
+
+    def step(batch_x: torch.Tensor | None = None):
+        xb = x if batch_x is None else batch_x.contiguous(memory_format=fmt)
+        with autocast(device, bf16):
+            loss = diffusion_loss(model, scheduler, xb, generator)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema_update(ema, net, ema_decay_at(state["step"], train_cfg["ema_decay"]))
+        state["step"] += 1
+        state["loss"] = loss.detach()
+
+    return step, net, optimizer, state
+
+
+def bench_levers(cfg: dict, target_shape, batch: int, steps: int, device: torch.device, levers: Levers = Levers(),
+                 warmup: int = 3, flops: int | None = None) -> dict:
+    """samples/s, MFU and peak memory of the loop's step with `levers` (one process, random volumes).
+
+    The warm-up steps carry cuDNN's autotuning and, with `compile`, the compilation: their time is
+    reported as `warmup_s`, never in the rate.
+    """
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = levers.cudnn_benchmark and device.type == "cuda"
+    mem_before = _cleanup(device)
+    try:
+        step, net, _, state = build_step(cfg, target_shape, batch, device, levers)
+        timing = _timed(step, device, warmup, steps)
+        return _result(levers.label(), device, batch, steps, timing, flops, levers.precision, mem_before,
+                       levers=asdict(levers), final_loss=float(state["loss"]),
+                       parameters=sum(p.numel() for p in net.parameters()))
+    finally:
+        torch.backends.cudnn.benchmark = previous
+        if levers.compile:
+            torch._dynamo.reset()
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+

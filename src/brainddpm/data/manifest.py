@@ -1,0 +1,237 @@
+"""Find the input images, check each one, and split subjects into train and validation.
+
+`build_manifest` writes one row per usable image (subject, session, dataset, path, shape, spacing,
+orientation, sha256) and one row per rejected input in the exclusion list (path and reason).
+`split_subjects` assigns whole subjects (all their sessions) to train or val, stratified by
+dataset and seeded; each dataset draws from its own stream, so adding a dataset does not move
+the subjects of the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import re
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from brainddpm.config import covariate_names
+from brainddpm.data.covariates import read_covariates
+from brainddpm.data.nifti import header_info, load_checked
+from brainddpm.errors import BadInputError
+from brainddpm.fileio import atomic_path, sha256_file
+
+MANIFEST_COLUMNS = ["subject", "session", "dataset", "path", "shape", "spacing", "orientation", "sha256", "age", "sex"]
+SPLIT_COLUMNS = ["subject", "session", "dataset", "path", "sha256", "split"]
+EXCLUDED_COLUMNS = ["path", "dataset", "reason"]
+
+log = logging.getLogger(__name__)
+_SUB = re.compile(r"sub-([A-Za-z0-9]+)")
+_SES = re.compile(r"ses-([A-Za-z0-9]+)")
+
+
+def write_tsv(rows: list[dict], columns: list[str], path) -> None:
+    """Write a TSV atomically: a temporary file renamed into place when complete."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, delimiter="\t", lineterminator="\n", extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("n/a" if r.get(k) in (None, "") else r[k]) for k in columns})
+
+
+def read_tsv(path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def natural_key(text: str) -> list:
+    """Sort key that puts ses-2 before ses-10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def ids_from_path(path: str) -> tuple[str, str]:
+    """Subject and session from BIDS entities in the file name (or its folders); fall back to the stem."""
+    name = Path(path).name
+    sub = _SUB.search(name) or _SUB.search(path)
+    ses = _SES.search(name) or _SES.search(path)
+    stem = name.split(".nii")[0]
+    return (f"sub-{sub.group(1)}" if sub else f"sub-{re.sub(r'[^A-Za-z0-9]', '', stem)}",
+            f"ses-{ses.group(1)}" if ses else "ses-01")
+
+
+def discover(dataset: dict) -> tuple[list[str], list[dict]]:
+    """Candidate image paths of one dataset, and exclusions for what cannot even be listed."""
+    name = dataset["name"]
+    if "root" in dataset:
+        root = Path(dataset["root"])
+        if not root.is_dir():
+            return [], [{"path": str(root), "dataset": name, "reason": "dataset root does not exist"}]
+        paths = sorted(glob.glob(str(root / "sub-*" / "**" / "anat" / "*_T1w.nii*"), recursive=True))
+        where = f"{root}/sub-*/[ses-*/]anat/*_T1w.nii[.gz]"
+    else:
+        paths = sorted(glob.glob(dataset["glob"], recursive=True))
+        where = dataset["glob"]
+    paths = [p for p in paths if Path(p).is_file() or not Path(p).exists()]
+    if not paths:
+        return [], [{"path": where, "dataset": name, "reason": "no file matches"}]
+    anonymous = sum(1 for p in paths if not _SUB.search(p))
+    if anonymous:
+        log.warning("dataset %s: %d files have no sub-<label> in their path; each is taken as its own subject, "
+                    "so sessions of one person could land in both splits (use BIDS names)", name, anonymous)
+    return paths, []
+
+
+def read_participants(path) -> dict[tuple[str, str], dict]:
+    """(subject, session or '') -> row of a participants table; raises BadInputError if unreadable."""
+    try:
+        rows = read_tsv(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BadInputError(path, f"cannot read participants table ({exc})") from None
+    if not rows:
+        raise BadInputError(path, "participants table is empty")
+    col = next((c for c in ("participant_id", "subject") if c in rows[0]), None)
+    if col is None:
+        raise BadInputError(path, f"participants table has no participant_id or subject column (has {list(rows[0])})")
+    out = {}
+    for r in rows:
+        sub = r[col] if str(r[col]).startswith("sub-") else f"sub-{r[col]}"
+        out[(sub, r.get("session_id") or "")] = r
+    return out
+
+
+def inspect_image(path: str) -> dict:
+    """Header facts and sha256 of a usable image; BadInputError otherwise (runs in worker processes)."""
+    img, _ = load_checked(path)
+    return {**header_info(img), "sha256": sha256_file(path)}
+
+
+def _inspect_or_reason(path: str):
+    try:
+        return inspect_image(path)
+    except BadInputError as exc:
+        return exc.reason
+
+
+def manifest_columns(condition: dict | None = None) -> list[str]:
+    """MANIFEST_COLUMNS, then the covariates of `condition` that are not among them."""
+    return MANIFEST_COLUMNS + [c for c in covariate_names(condition) if c not in MANIFEST_COLUMNS]
+
+
+def split_columns(condition: dict | None = None) -> list[str]:
+    """SPLIT_COLUMNS, then the covariates of `condition` (they travel on to the shards)."""
+    return SPLIT_COLUMNS + [c for c in covariate_names(condition) if c not in SPLIT_COLUMNS]
+
+
+def _covariate_problem(condition: dict | None, cand: dict) -> str | None:
+    """Why a candidate cannot be used for conditioning (unreadable value, or missing under 'exclude')."""
+    if not covariate_names(condition):
+        return None
+    try:
+        values = read_covariates(condition, cand)
+    except ValueError as exc:
+        return f"{exc} (participants table)"
+    missing = [k for k, v in values.items() if v is None]
+    if missing and condition["missing"] == "exclude":
+        return f"covariate {', '.join(repr(k) for k in missing)} missing (condition.missing: exclude)"
+    return None
+
+
+def build_manifest(datasets: list[dict], jobs: int = 1, progress: bool = False,
+                   condition: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """Rows of usable images and rows of excluded inputs (path, dataset, reason).
+
+    With a `condition` section, each row also carries its covariates (participants table columns of
+    those names; `dataset` falls back to the dataset's name), and rows whose covariates are unreadable,
+    or missing under `condition.missing: exclude`, are excluded with the reason.
+    """
+    from tqdm import tqdm
+
+    names = covariate_names(condition)
+
+    candidates, excluded = [], []
+    for ds in datasets:
+        paths, bad = discover(ds)
+        excluded += bad
+        info = {}
+        if ds.get("participants"):
+            try:
+                info = read_participants(ds["participants"])
+            except BadInputError as exc:
+                excluded.append({"path": exc.path, "dataset": ds["name"], "reason": exc.reason})
+        for p in paths:
+            sub, ses = ids_from_path(p)
+            extra = info.get((sub, ses)) or info.get((sub, "")) or {}
+            cand = {"subject": sub, "session": ses, "dataset": ds["name"], "path": p,
+                    "age": extra.get("age"), "sex": extra.get("sex")}
+            for name in names:  # 'dataset' is the dataset's name, as in the split's stratification
+                cand.setdefault(name, extra.get(name))
+            candidates.append(cand)
+    with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _Serial() as pool:
+        results = list(tqdm(pool.map(_inspect_or_reason, [c["path"] for c in candidates]),
+                            total=len(candidates), desc="checking images", unit="img", disable=not progress))
+    rows, seen, seen_sha = [], {}, {}
+    for cand, res in zip(candidates, results):
+        problem = res if isinstance(res, str) else _covariate_problem(condition, cand)
+        if problem:
+            excluded.append({"path": cand["path"], "dataset": cand["dataset"], "reason": problem})
+            continue
+        key = (cand["dataset"], cand["subject"], cand["session"])
+        if key in seen:
+            reason = f"duplicate subject/session {cand['subject']}/{cand['session']} (kept {seen[key]})"
+        elif res["sha256"] in seen_sha:
+            reason = f"same file content as {seen_sha[res['sha256']]}"
+        else:
+            seen[key], seen_sha[res["sha256"]] = cand["path"], cand["path"]
+            rows.append({**cand, **res})
+            continue
+        excluded.append({"path": cand["path"], "dataset": cand["dataset"], "reason": reason})
+    return rows, excluded
+
+
+class _Serial:
+    """Stand-in for a process pool when one process is enough (keeps tracebacks simple)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    map = staticmethod(map)
+
+
+def split_subjects(rows: list[dict], val_fraction: float, seed: int, stratify: bool = True,
+                   longitudinal: str = "all") -> list[dict]:
+    """Assign each subject (all its sessions) to 'train' or 'val'. Deterministic for a seed."""
+    if longitudinal == "first":
+        first = {}
+        for r in sorted(rows, key=lambda r: natural_key(r["session"])):
+            first.setdefault((r["dataset"], r["subject"]), r)
+        rows = list(first.values())
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for r in rows:
+        g = r["dataset"] if stratify else "all"
+        groups.setdefault(g, [])
+        if (r["dataset"], r["subject"]) not in groups[g]:
+            groups[g].append((r["dataset"], r["subject"]))
+    val = set()
+    for g, subjects in sorted(groups.items()):
+        subjects.sort()
+        rng = np.random.default_rng([seed, zlib.crc32(g.encode())])
+        order = rng.permutation(len(subjects))
+        n_val = int(round(val_fraction * len(subjects)))
+        if len(subjects) >= 2:
+            n_val = min(max(n_val, 1), len(subjects) - 1)
+        val.update(subjects[i] for i in order[:n_val])
+    out = [{**r, "split": "val" if (r["dataset"], r["subject"]) in val else "train"} for r in rows]
+    return sorted(out, key=lambda r: (r["split"], r["dataset"], r["subject"], r["session"]))
+
+
+def shard_rows(split_rows: list[dict], split: str, per_shard: int) -> list[list[dict]]:
+    """The rows of one split, in a fixed order, cut into shards of `per_shard` volumes."""
+    rows = [r for r in split_rows if r["split"] == split]
+    return [rows[i:i + per_shard] for i in range(0, len(rows), per_shard)]

@@ -1,0 +1,294 @@
+"""The report: metrics table laid out like the reference study's, loss curve, real-vs-synthetic
+slices, confidence-interval plot and memorization summary (markdown, CSV, JSON and PNG)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from brainddpm.data.shards import read_volumes, split_files
+from brainddpm.fileio import atomic_path
+
+# (column, metric for the model row, metric for the real-images row); the study's table.
+STUDY_COLUMNS = (("MMD", "mmd_monai_generative", None), ("FID", "fid", None),
+                 ("MS-SSIM", "msssim_synthetic", "msssim_real"))
+STUDY_VALUES = "reference study: MMD 0.036 [0.028-0.045], FID 19.39 [16.8-22.5], MS-SSIM 0.58 [0.51-0.64] " \
+               "(synthetic) vs 0.74 [0.68-0.79] (real), 86 vs 86 volumes at 84x128x84"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fmt(entry: dict | None, digits: int = 3) -> str:
+    if not entry or entry.get("value") is None or not np.isfinite(entry["value"]):
+        return "–"
+    return f"{entry['value']:.{digits}f} [{entry['ci_low']:.{digits}f}–{entry['ci_high']:.{digits}f}]"
+
+
+def study_table(metrics_by_sampler: dict[str, dict]) -> list[list[str]]:
+    """Rows: one per sampler, then 'real images'; columns as in the reference study's Table 2."""
+    rows = []
+    for sampler, doc in metrics_by_sampler.items():
+        m = doc["metrics"]
+        rows.append([f"DDPM model ({sampler})"] + [fmt(m.get(model_key), 2 if name == "FID" else 3)
+                                                   for name, model_key, _ in STUDY_COLUMNS])
+    first = next(iter(metrics_by_sampler.values()))["metrics"]
+    rows.append(["real images"] + [fmt(first.get(real_key)) if real_key else "–" for _, _, real_key in STUDY_COLUMNS])
+    return rows
+
+
+def floor_verdict(sampler: str, metrics: dict) -> str:
+    """One sentence: is the synthetic set within the real-halves floor (do the two MMD 95% intervals overlap)?"""
+    model, floor = metrics.get("mmd_monai_generative"), metrics.get("floor_mmd_monai_generative")
+    if not model or not floor or model.get("value") is None or floor.get("value") is None:
+        return f"- **{sampler}**: the MMD or its real-halves floor was not computed, so no verdict."
+    overlap = model["ci_low"] <= floor["ci_high"] and floor["ci_low"] <= model["ci_high"]
+    where = (f"its MMD {fmt(model, 4)} overlaps the MMD of two halves of the real set {fmt(floor, 4)}" if overlap
+             else f"its MMD {fmt(model, 4)} lies {'above' if model['ci_low'] > floor['ci_high'] else 'below'} the "
+                  f"MMD of two halves of the real set {fmt(floor, 4)}, 95% intervals apart")
+    verdict = "within" if overlap else "**not** within"
+    return f"- **{sampler}**: the synthetic set is {verdict} the real-halves floor: {where}."
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def write_metrics_files(metrics_by_sampler: dict, memo: dict, out: Path) -> None:
+    header = ["", "MMD (95% CI)", "FID (95% CI)", "MS-SSIM (95% CI)"]
+    with atomic_path(out / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["sampler", "metric", "value", "ci_low", "ci_high", "n_real", "n_synthetic", "definition"])
+        for sampler, doc in metrics_by_sampler.items():
+            for name, e in doc["metrics"].items():
+                w.writerow([sampler, name, e["value"], e["ci_low"], e["ci_high"], e["n_real"], e["n_synthetic"],
+                            e["definition"]])
+    payload = {"samplers": metrics_by_sampler, "memorization": memo, "table": [header, *study_table(metrics_by_sampler)]}
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))
+
+
+def plot_ci(metrics_by_sampler: dict, png: Path) -> None:
+    """Point estimates and 95% intervals, per metric, for each sampler and the real-halves floor."""
+    plt = _plt()
+    names = [n for n in next(iter(metrics_by_sampler.values()))["metrics"] if not n.startswith("floor_")]
+    fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        labels, xs = [], 0
+        for sampler, doc in metrics_by_sampler.items():
+            for key, label in ((name, sampler), (f"floor_{name}", "real halves")):
+                e = doc["metrics"].get(key)
+                if e is None or label in labels:
+                    continue
+                ax.errorbar([xs], [e["value"]], yerr=[[e["value"] - e["ci_low"]], [e["ci_high"] - e["value"]]],
+                            fmt="o", capsize=3, color="tab:gray" if label == "real halves" else None)
+                labels.append(label)
+                xs += 1
+        ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
+        ax.set_title(name.replace("_", " "), fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def plot_slices(real: np.ndarray, syn_by_sampler: dict[str, np.ndarray], png: Path, k: int = 3) -> None:
+    """k real and k synthetic volumes per sampler, axial/coronal/sagittal mid-slices."""
+    plt = _plt()
+    groups = [("real", real[:k])] + [(f"synthetic ({s})", v[:k]) for s, v in syn_by_sampler.items()]
+    fig, axes = plt.subplots(3, sum(len(v) for _, v in groups), figsize=(1.6 * k * len(groups), 5), squeeze=False)
+    col = 0
+    for label, vols in groups:
+        for j, vol in enumerate(vols):
+            vol = vol[0]
+            cx, cy, cz = (s // 2 for s in vol.shape)
+            for r, sl in enumerate((vol[:, :, cz], vol[:, cy, :], vol[cx, :, :])):
+                axes[r, col].imshow(np.rot90(sl), cmap="gray", vmin=0, vmax=1)
+                axes[r, col].set_axis_off()
+            axes[0, col].set_title(label if j == 0 else "", fontsize=8, loc="left")
+            col += 1
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+def plot_memorization(memo: dict, syn: np.ndarray, train: np.ndarray, png: Path, pairs: int = 3) -> None:
+    """Histogram of nearest-training correlations (synthetic vs validation) and the closest pairs."""
+    plt = _plt()
+    fig = plt.figure(figsize=(9, 3 + 1.6 * pairs))
+    ax = fig.add_subplot(pairs + 1, 1, 1)
+    ax.hist(memo["validation_max_corr"], bins=20, alpha=0.6, label="real validation vs training")
+    ax.hist(memo["synthetic_max_corr"], bins=20, alpha=0.6, label="synthetic vs training")
+    ax.axvline(memo["threshold"], color="k", ls="--", label=f"{memo['percentile']:g}th pct of validation")
+    ax.set_xlabel("max Pearson correlation with any training volume (brain mask)")
+    ax.legend(fontsize=7)
+    for p, (s, t) in enumerate(memo["closest_pairs"][:pairs]):
+        for j, (vol, name) in enumerate(((syn[s][0], f"synthetic #{s}"), (train[t][0], f"nearest training #{t}"))):
+            a = fig.add_subplot(pairs + 1, 2, 2 * (p + 1) + j + 1)
+            a.imshow(np.rot90(vol[:, :, vol.shape[2] // 2]), cmap="gray", vmin=0, vmax=1)
+            a.set_axis_off()
+            a.set_title(f"{name} (r={memo['closest_corr'][p]:.3f})" if j == 0 else name, fontsize=7)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+def _score_text(e: dict | None) -> str:
+    if not e:
+        return "–"
+    text = fmt(e, 3 if e["kind"] == "accuracy" else 2)
+    return text + (f" (majority {e['majority_rate']:.2f})" if e["kind"] == "accuracy" else "")
+
+
+def conditioning_markdown(sampler: str, doc: dict) -> list[str]:
+    """The report's section for one sampler's conditioning.json: does the requested condition show?"""
+    names = [c["name"] for c in doc["encoding"]["covariates"]]
+    kinds = {c["name"]: ("MAE" if c["type"] == "continuous" else "accuracy") for c in doc["encoding"]["covariates"]}
+    lines = [f"### {sampler}", "",
+             f"Predictors fitted on {doc['n_train']} real training volumes; {doc['n_val']} real validation volumes "
+             f"(how readable each covariate is at all) and {doc['n_synthetic']} synthetic volumes scored against "
+             f"the covariates they were asked for; {doc['level']:.0%} bootstrap CIs ({doc['bootstrap']} resamples).",
+             "", _md_table(["covariate", "score", "real validation", "synthetic (requested vs predicted)"],
+                           [[n, kinds[n], _score_text(doc["real_validation"].get(n)),
+                             _score_text(doc["synthetic"].get(n))] for n in names]), ""]
+    rows = []
+    for st in doc["strata"]:
+        rows.append([st["stratum"], str(st["n"])] + [_score_text(st["scores"].get(n)) for n in names] +
+                    [fmt(st["ventricle_fraction"]), f"{st['mmd']:.4f} (vs {st['n_real_matching']} real)"
+                     if "mmd" in st else ("–" if "n_real_matching" not in st else "no matching real volume")])
+    lines += ["Per stratum:", "", _md_table(["stratum", "n"] + [f"{n} {kinds[n]}" for n in names] +
+                                            ["ventricle fraction", "MMD to matching real"], rows), ""]
+    for name, eff in doc["ventricle_effect"].items():
+        real = doc["real_ventricle_effect"].get(name, {}).get("slope_per_unit")
+        lines.append(f"- Ventricle fraction against requested {name}: slope {fmt(eff['slope_per_unit'], 5)} per "
+                     f"unit (real training volumes: {fmt(real, 5)}).")
+        if "difference" in eff:
+            d = eff["difference"]
+            verdict = ("the CI excludes zero: the requested " + name + " shows" if d["excludes_zero"]
+                       else "the CI includes zero: no clear effect at this N")
+            lines.append(f"- **{d['high_stratum']}** minus **{d['low_stratum']}**: ventricle fraction "
+                         f"{fmt(d, 4)} ({d['n_high']} vs {d['n_low']} volumes); {verdict}.")
+    return lines + [""]
+
+
+def plot_strata(parts: list[Path], png: Path, per_stratum: int = 4) -> None:
+    """Mid-slices of a few synthetic volumes per stratum, one row per stratum."""
+    from brainddpm.evaluation.evaluate import select_synthetic
+
+    plt = _plt()
+    vols, meta = select_synthetic(parts, 10**9)
+    strata = list(dict.fromkeys(m.get("stratum", "") for m in meta))
+    fig, axes = plt.subplots(len(strata), per_stratum * 2, figsize=(2.0 * per_stratum * 2, 2.2 * len(strata)),
+                             squeeze=False)
+    for row, stratum in zip(axes, strata):
+        idx = [i for i, m in enumerate(meta) if m.get("stratum", "") == stratum][:per_stratum]
+        for k, ax in enumerate(row):
+            ax.set_axis_off()
+            if k // 2 < len(idx):
+                v = vols[idx[k // 2], 0]
+                sl = v[:, :, v.shape[2] // 2] if k % 2 == 0 else v[v.shape[0] // 2]
+                ax.imshow(np.rot90(sl), cmap="gray", vmin=0, vmax=1)
+        row[0].set_title(stratum, fontsize=8, loc="left")
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+
+
+def write_report(metric_files: dict[str, Path], memo_path: Path, train_dir: Path, val_dir: Path,
+                 sample_parts: dict[str, list[Path]], run_dir: Path, out: Path,
+                 conditioning_files: dict[str, Path] | None = None) -> Path:
+    """Assemble results/report/: report.md, metrics.{md,csv,json}, loss.png, slices.png, ci.png, memorization.png,
+    and for a conditional model strata-<sampler>.png."""
+    from brainddpm.evaluation.evaluate import select_synthetic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_by_sampler = {s: json.loads(Path(p).read_text()) for s, p in metric_files.items()}
+    memo = json.loads(Path(memo_path).read_text())
+    train_info = json.loads((Path(run_dir) / "train.json").read_text())
+    with atomic_path(out / "loss.png") as tmp:
+        shutil.copyfile(Path(run_dir) / "loss.png", tmp)
+    write_metrics_files(metrics_by_sampler, memo, out)
+    plot_ci(metrics_by_sampler, out / "ci.png")
+    real, _, _ = read_volumes(split_files(val_dir))
+    syn = {s: select_synthetic(parts, 10**9)[0] for s, parts in sample_parts.items()}
+    plot_slices(real, syn, out / "slices.png")
+    first = next(iter(sample_parts))
+    train, _, _ = read_volumes(split_files(train_dir))
+    plot_memorization(memo, select_synthetic(sample_parts[first], 10**9)[0], train, out / "memorization.png")
+    table = _md_table(["", "MMD (95% CI)", "FID (95% CI)", "MS-SSIM (95% CI)"], study_table(metrics_by_sampler))
+    with atomic_path(out / "metrics.md") as tmp:
+        tmp.write_text(table + "\n")
+    text = _report_markdown(metrics_by_sampler, memo, train_info, table)
+    if conditioning_files:
+        section = ["## Conditioning: does the requested condition show?", "",
+                   json.loads(Path(next(iter(conditioning_files.values()))).read_text())["definitions"], ""]
+        for sampler, path in conditioning_files.items():
+            section += conditioning_markdown(sampler, json.loads(Path(path).read_text()))
+            plot_strata(sample_parts[sampler], out / f"strata-{sampler}.png")
+            section += [f"![synthetic volumes per stratum, {sampler}](strata-{sampler}.png)", ""]
+        text = text + "\n" + "\n".join(section)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(text)
+    return out / "report.md"
+
+
+def _report_markdown(metrics_by_sampler: dict, memo: dict, train_info: dict, table: str) -> str:
+    any_doc = next(iter(metrics_by_sampler.values()))
+    n_real, n_syn = len(any_doc["ids"]["real"]), len(any_doc["ids"]["synthetic"])
+    lines = [
+        "# brain-ddpm report", "",
+        f"{n_real} real validation volumes vs {n_syn} synthetic volumes per sampler; 95% percentile intervals "
+        f"from {next(iter(any_doc['metrics'].values()))['n_boot']} bootstrap resamples "
+        "(real and synthetic resampled independently). Definitions: docs/metrics.md.", "",
+        "## Verdict", "",
+        *[floor_verdict(s, d["metrics"]) for s, d in metrics_by_sampler.items()], "",
+        "## Metrics (laid out like the reference study)", "", table, "",
+        f"For comparison, the {STUDY_VALUES}. MMD here is the MONAI GenerativeModels definition "
+        "(the one comparable with the study); MS-SSIM is the mean over pairs within a set, on whole volumes.", "",
+    ]
+    if not any_doc.get("fid_computed"):
+        lines += [f"**FID was not computed**: {any_doc.get('fid_note')}. To enable it, run "
+                  "`snakemake fetch_fid_weights` where the internet is reachable (a login node), or set "
+                  "`evaluate.fid.weights` to a local MedicalNet ResNet file. FID is never computed from "
+                  "untrained weights.", ""]
+    else:
+        lines += [f"FID caveat: {any_doc['fid_caveat']}", ""]
+    lines += ["## All metrics", "", _md_table(
+        ["sampler", "metric", "value [95% CI]", "definition"],
+        [[s, n, fmt(e, 4), e["definition"]] for s, d in metrics_by_sampler.items() for n, e in d["metrics"].items()]),
+        "", "The `floor_*` rows compare two disjoint halves of the real set: what 'as good as real' looks like at "
+        "this N. MS-SSIM restricted to the brain bounding box (`*_bbox`) removes the inflation by the shared zero "
+        "background.", "", "![confidence intervals](ci.png)", "",
+        "## Training", "", "![loss](loss.png)", "",
+        _md_table(["epochs", "steps", "final loss", "wall time (h)", "GPU-hours", "world size", "device"],
+                  [[str(train_info.get(k, "–")) for k in ("epochs", "steps")] +
+                   [f"{train_info.get('final_loss', float('nan')):.5f}", f"{train_info.get('wall_time_s', 0) / 3600:.2f}",
+                    f"{train_info.get('gpu_hours', 0):.2f}", str(train_info.get("world_size")),
+                    str(train_info.get("device"))]]), "",
+        "## Real vs synthetic", "", "![slices](slices.png)", "",
+        "## Memorization check", "",
+        f"Each synthetic volume's maximum Pearson correlation (inside the training brain mask) with any of "
+        f"{len(memo['train_indices'])} training volumes, against the same statistic for the real validation "
+        f"volumes. Threshold: the {memo['percentile']:g}th percentile of the validation set = "
+        f"{memo['threshold']:.4f}. Flagged synthetic volumes: {len(memo['flagged'])} of "
+        f"{len(memo['synthetic_max_corr'])}" + (f" ({', '.join(memo['synthetic_ids'][i] for i in memo['flagged'])})"
+                                                 if memo["flagged"] else "") + ".", "",
+        "![memorization](memorization.png)", "",
+    ]
+    return "\n".join(lines)

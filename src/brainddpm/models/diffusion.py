@@ -1,0 +1,102 @@
+"""The denoising network, the noise schedules and the training objective, straight from MONAI.
+
+`build_model` turns the `model` config section into MONAI's DiffusionModelUNet (3D, one channel in and
+out); `build_scheduler` and `build_ddim` turn the `scheduler` section into MONAI's DDPM and DDIM
+schedulers with the same betas. `diffusion_loss` is the noise-prediction MSE of Ho et al. (2020), the
+objective of the reference study, written out (what MONAI's DiffusionInferer does) so the random draws
+come from an explicit generator and resume exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+
+def build_model(model_cfg: dict, context_dim: int | None = None) -> DiffusionModelUNet:
+    """MONAI DiffusionModelUNet for single-channel 3D volumes, from the `model` config section.
+
+    With `context_dim` (a conditional model, conditioning.py) MONAI's own conditioning is switched on:
+    `with_conditioning=True` and `cross_attention_dim=context_dim`, so every attention level (and the
+    middle block) cross-attends to the covariate vector passed as `context` ([B, 1, context_dim]).
+
+    `num_head_channels` is one number in the config; MONAI takes one per level and ignores it at levels
+    without attention. The middle block of the UNet always has self-attention over the last level's
+    channels, so it must divide `channels[-1]` even when `attention_levels[-1]` is false.
+    """
+    channels = list(model_cfg["channels"])
+    heads = int(model_cfg["num_head_channels"])
+    return DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=channels,
+        attention_levels=list(model_cfg["attention_levels"]),
+        num_res_blocks=int(model_cfg["num_res_blocks"]),
+        num_head_channels=[heads] * len(channels),
+        norm_num_groups=int(model_cfg["norm_num_groups"]),
+        use_flash_attention=bool(model_cfg.get("use_flash_attention", False)),
+        **({"with_conditioning": True, "cross_attention_dim": int(context_dim)} if context_dim else {}),
+    )
+
+
+def _schedule_args(sched_cfg: dict) -> dict:
+    # the data live in [0, 1] (data stage): clip the predicted x0 there, not to MONAI's default [-1, 1]
+    args = {"num_train_timesteps": int(sched_cfg["num_train_timesteps"]), "schedule": sched_cfg["schedule"],
+            "clip_sample": True, "clip_sample_min": 0.0, "clip_sample_max": 1.0,
+            # models saved before prediction_type was configurable predicted the noise
+            "prediction_type": sched_cfg.get("prediction_type", "epsilon")}
+    if sched_cfg["schedule"] != "cosine":  # MONAI's cosine schedule takes no beta range
+        args.update(beta_start=float(sched_cfg["beta_start"]), beta_end=float(sched_cfg["beta_end"]))
+    return args
+
+
+def build_scheduler(sched_cfg: dict) -> DDPMScheduler:
+    """MONAI DDPMScheduler (noise-prediction, the reference study's sampler) from the `scheduler` section."""
+    return DDPMScheduler(**_schedule_args(sched_cfg))
+
+
+def build_ddim(sched_cfg: dict, steps: int) -> DDIMScheduler:
+    """MONAI DDIMScheduler with the same betas as `build_scheduler`, set to `steps` inference steps."""
+    ddim = DDIMScheduler(**_schedule_args(sched_cfg))
+    ddim.set_timesteps(int(steps))
+    return ddim
+
+
+def drop_condition(context: torch.Tensor, drop_prob: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Classifier-free guidance training: each volume's whole condition becomes the null condition
+    (filled with conditioning.NULL_FILL, MONAI's `cfg_fill_value`) with probability `drop_prob`."""
+    from brainddpm.models.conditioning import NULL_FILL
+
+    drop = torch.rand(context.shape[0], generator=generator, device=context.device) < drop_prob
+    return torch.where(drop[:, None, None], torch.full_like(context, NULL_FILL), context)
+
+
+def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, x: torch.Tensor,
+                   generator: torch.Generator | None = None, context: torch.Tensor | None = None,
+                   drop_prob: float = 0.0) -> torch.Tensor:
+    """Denoising MSE: draw noise and uniform timesteps, noise `x`, predict the scheduler's target.
+
+    The target follows `scheduler.prediction_type`: the noise ("epsilon", Ho et al. 2020, the study's),
+    the velocity ("v_prediction", Salimans & Ho 2022: `scheduler.get_velocity`) or the clean volume
+    ("sample"). `model` may be the bare UNet or a DDP/DeepSpeed/Accelerate wrapper around it. The loss
+    is computed in fp32 even under bf16 autocast. A conditional model gets its `context`, dropped per
+    volume with `drop_prob` (drawn after the noise and timesteps, so an unconditional run's draws are
+    exactly what they always were).
+    """
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), generator=generator, device=x.device)
+    x_t = scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
+    if context is None:
+        pred = model(x_t, timesteps=t)
+    else:
+        pred = model(x_t, timesteps=t, context=drop_condition(context, drop_prob, generator))
+    if scheduler.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(x, noise, t)
+    elif scheduler.prediction_type == "sample":
+        target = x
+    else:
+        target = noise
+    return F.mse_loss(pred.float(), target.float())

@@ -1,0 +1,184 @@
+"""Generate synthetic volumes from a trained model (DDPM with all steps, or DDIM).
+
+The n requested volumes are cut into fixed batches of `batch` consecutive indices, and each
+sampling job takes whole batches. Volume i starts from noise drawn with seed `base_seed + i` and
+every stochastic DDPM step draws its noise from that volume's own generator, so the random draws of
+a volume do not depend on the number of jobs. What that guarantees exactly: for the same model,
+`sample.batch`, seeds, device type and library versions, a volume is bit-for-bit the same whatever
+`sample.jobs` is (tested on CPU, and on GPU by the `gpu` tests). A different batch size, GPU model or
+cuDNN/torch version may pick other kernels (bf16 and cuDNN's algorithms depend on the batch shape),
+so volumes then agree only up to float rounding. Outputs are clipped to the data range [0, 1]
+documented by the data stage (background 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brainddpm.data.nifti import save_volume
+from brainddpm.data.shards import write_shard
+from brainddpm.device import pick_device
+from brainddpm.errors import BadInputError, BrainDDPMError, ConfigError
+from brainddpm.fileio import atomic_path, sha256_file
+from brainddpm.models.conditioning import NULL_FILL, CovariateEncoding
+from brainddpm.models.diffusion import build_ddim, build_scheduler
+from brainddpm.models.final import load_final
+from brainddpm.sampling.plan import read_plan
+
+log = logging.getLogger(__name__)
+
+
+def part_batches(n: int, batch: int, jobs: int, part: int) -> list[list[int]]:
+    """Global batches (lists of volume indices) handled by sampling job `part` of `jobs`."""
+    batches = [list(range(s, min(s + batch, n))) for s in range(0, n, batch)]
+    if jobs > len(batches):
+        raise BrainDDPMError(f"sample.jobs={jobs} is more than the {len(batches)} batches of "
+                             f"sample.batch={batch} in sample.n={n}; lower sample.jobs")
+    return [batches[i] for i in np.array_split(np.arange(len(batches)), jobs)[part]]
+
+
+def guided_output(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
+                  guidance_scale: float) -> torch.Tensor:
+    """The network's output for one step; with a `context`, classifier-free guided as MONAI's
+    `DiffusionInferer.sample(cfg=w)` does it: one forward over [null; cond], then uncond + w * (cond - uncond).
+    (That sampler draws its step noise from the global RNG; ours needs one generator per volume.)"""
+    if context is None:
+        return model(x, timesteps=t).float()
+    if guidance_scale == 1.0:  # the guided output is the conditional one: no unconditional pass needed
+        return model(x, timesteps=t, context=context).float()
+    both = model(torch.cat([x, x]), timesteps=torch.cat([t, t]),
+                 context=torch.cat([torch.full_like(context, NULL_FILL), context])).float()
+    uncond, cond = both.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def denoise(model, scheduler, seeds: list[int], shape, device: torch.device, progress: bool = False,
+            context: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+    """Run the reverse process for one batch; one generator per volume, so batching does not matter.
+
+    The starting noise of volume i comes from a CPU generator seeded with seeds[i] (the same on any
+    device); each DDPM step draws that volume's noise from its own generator on the model's device,
+    seeded from (seeds[i], 1). A conditional model gets `context` ([B, 1, dim]) and `guidance_scale`.
+    """
+    from tqdm import tqdm
+
+    x = torch.stack([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    x = x.to(device)
+    context = None if context is None else context.to(device)
+    # step noise from a stream derived from (seed, 1): never a copy of the starting noise
+    gens = [torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([int(s), 1]).generate_state(1)[0]))
+            for s in seeds]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    steps = scheduler.timesteps
+    for k, t in enumerate(tqdm(steps, desc="denoising", unit="step", disable=not progress)):
+        tt = torch.full((len(seeds),), int(t), device=device, dtype=torch.long)
+        with autocast:
+            eps = guided_output(model, x, tt, context, guidance_scale)
+        x = torch.cat([scheduler.step(eps[i:i + 1], int(t), x[i:i + 1], generator=g)[0] for i, g in enumerate(gens)])
+        if not progress and (k + 1) % max(1, len(steps) // 10) == 0:
+            log.info("step %d/%d", k + 1, len(steps))
+    return x.clamp_(0.0, 1.0).cpu()
+
+
+def make_scheduler(config: dict, sampler: str, ddim_steps: int | None):
+    if sampler == "ddim":
+        if ddim_steps is None:
+            raise ConfigError("config key 'sample.ddim_steps': missing (the ddim sampler needs it)")
+        return build_ddim(config["scheduler"], ddim_steps)
+    sch = build_scheduler(config["scheduler"])
+    sch.set_timesteps(sch.num_train_timesteps)
+    return sch
+
+
+def conditions_for(config: dict, plan_path: Path | None, checkpoint: Path) -> tuple[CovariateEncoding | None, dict]:
+    """The model's covariate encoding and the sampling plan it needs (None and {} for an unconditional model)."""
+    if "condition" not in config:
+        return None, {}
+    if plan_path is None:
+        raise BadInputError(checkpoint, "a conditional model: sampling needs the plan of requested covariates "
+                            "(--plan conditions.json, written by `brainddpm condition-plan`)")
+    encoding, plan = CovariateEncoding.from_dict(config["condition"]), read_plan(plan_path)
+    if plan["encoding"]["covariates"] != encoding.to_dict()["covariates"]:
+        raise BadInputError(plan_path, f"the plan was made for another model's covariate encoding than {checkpoint}'s; "
+                            "rerun `brainddpm condition-plan`")
+    return encoding, plan
+
+
+def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out: Path, nifti_dir: Path,
+               sheet: Path | None = None, plan_path: Path | None = None) -> dict:
+    """Sample the volumes of job `part`; write them as an HDF5 part, one NIfTI each, and a contact sheet.
+
+    A conditional model samples volume i with the covariates the plan gives it (classifier-free guided with
+    the plan's guidance scale); they are stored with the volume (HDF5 and a JSON sidecar next to its NIfTI).
+    """
+    device = pick_device(sample_cfg["device"])
+    model, config = load_final(checkpoint, device)
+    encoding, plan = conditions_for(config, plan_path, checkpoint)
+    if plan and len(plan["volumes"]) != sample_cfg["n"]:
+        raise BadInputError(plan_path, f"plans {len(plan['volumes'])} volumes, sample.n is {sample_cfg['n']}")
+    shape = tuple(config["data"]["target_shape"])
+    affine = np.asarray(config["data"]["affine"], dtype=np.float64)
+    scheduler = make_scheduler(config, sampler, sample_cfg.get("ddim_steps"))
+    batches = part_batches(sample_cfg["n"], sample_cfg["batch"], sample_cfg["jobs"], part)
+    log.info("%s: %d volumes in %d batches on %s, %d steps", sampler, sum(map(len, batches)), len(batches),
+             device, len(scheduler.timesteps))
+    vols, meta, ckpt_sha = [], [], sha256_file(checkpoint)
+    for batch in batches:
+        seeds = [sample_cfg["base_seed"] + i for i in batch]
+        requested = [plan["volumes"][i] for i in batch] if encoding else []
+        context = torch.from_numpy(encoding.vectors([r["covariates"] for r in requested])) if encoding else None
+        x = denoise(model, scheduler, seeds, shape, device, progress=sys.stderr.isatty(), context=context,
+                    guidance_scale=plan.get("guidance_scale", 1.0))
+        for k, (i, vol) in enumerate(zip(batch, x.numpy())):
+            vols.append(vol[0])
+            meta.append({"subject": f"synthetic-{i:04d}", "session": f"seed-{sample_cfg['base_seed'] + i}",
+                         "dataset": f"synthetic:{sampler}", "source_path": str(checkpoint),
+                         "source_sha256": ckpt_sha})
+            if encoding:
+                meta[-1].update(covariates=requested[k]["covariates"], stratum=requested[k]["stratum"])
+    nifti_dir = Path(nifti_dir)
+    nifti_dir.mkdir(parents=True, exist_ok=True)
+    for vol, m in zip(vols, meta):
+        save_volume(vol, affine, nifti_dir / f"{m['subject']}_{sampler}.nii.gz")
+        if encoding:  # what this volume was asked for, next to it
+            sidecar = {"covariates": m["covariates"], "stratum": m["stratum"], "guidance_scale": plan["guidance_scale"],
+                       "seed": int(m["session"].removeprefix("seed-")), "sampler": sampler,
+                       "steps": len(scheduler.timesteps), "checkpoint": str(checkpoint), "checkpoint_sha256": ckpt_sha}
+            with atomic_path(nifti_dir / f"{m['subject']}_{sampler}.json") as tmp:
+                tmp.write_text(json.dumps(sidecar, indent=1))
+    summary = write_shard(out, np.stack(vols), meta, affine, dtype="float32", compression="lzf",
+                          attrs={"kind": "samples", "sampler": sampler, "checkpoint_step": config.get("step"),
+                                 "steps": len(scheduler.timesteps), "part": part,
+                                 **({"encoding": encoding.to_dict(), "guidance_scale": plan["guidance_scale"]}
+                                    if encoding else {})})
+    if sheet is not None:
+        names = [m["subject"] + (f" ({m['stratum']})" if encoding else "") for m in meta]
+        contact_sheet(np.stack(vols), names, sheet)
+    return summary
+
+
+def contact_sheet(vols: np.ndarray, names: list[str], png: Path) -> None:
+    """Mid axial, coronal and sagittal slices of each volume, one row per volume."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(vols), 3, figsize=(6, 2 * len(vols)), squeeze=False)
+    for row, vol, name in zip(axes, vols, names):
+        cx, cy, cz = (s // 2 for s in vol.shape)
+        for ax, sl in zip(row, (vol[:, :, cz], vol[:, cy, :], vol[cx, :, :])):
+            ax.imshow(np.rot90(sl), cmap="gray", vmin=0, vmax=1)
+            ax.set_axis_off()
+        row[0].set_title(name, fontsize=7, loc="left")
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)

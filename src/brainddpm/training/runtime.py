@@ -1,0 +1,157 @@
+"""Inside one process: its device, its place in the process group, and the preemption signal.
+
+`setup_runtime` is the first thing a training process does: it picks the device (cuda:LOCAL_RANK, or
+the CPU), refuses to fall back to the CPU when GPUs were asked for, and joins the process group (NCCL
+on GPUs, gloo on CPUs) from the rendezvous in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT: exported by submitit's TorchDistributedEnvironment in launch.py), with a
+collective timeout so that a dead rank does not stall the others for long. `claim_gpu` gives each of
+several processes on one machine (sampling jobs) a GPU of its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import socket
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from brainddpm.errors import BrainDDPMError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(BrainDDPMError):
+    """Stopped by the preemption signal outside submitit; the checkpoint lets a rerun resume."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in the run."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool  # this process created the process group, so it destroys it
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_cuda(gpus_per_node: int) -> None:
+    """Raise a ConfigError naming the cause when GPUs were asked for and CUDA sees none."""
+    if not gpus_per_node or torch.cuda.is_available():
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if torch.version.cuda is None:
+        cause = (f"this torch {torch.__version__} is a CPU-only build; install the CUDA build "
+                 "(README: 'Installing on a GPU cluster')")
+    elif visible is not None and visible.strip() in ("", "-1", "NoDevFiles"):
+        cause = f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from this process"
+    else:
+        cause = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU: the NVIDIA driver "
+                 "may be older than this CUDA build needs (compare `nvidia-smi` with the wheel's CUDA version), "
+                 "or the job did not get a GPU node")
+    raise ConfigError(f"config key 'launch.gpus_per_node': {gpus_per_node} GPU(s) per node requested, but {cause}. "
+                      "Set launch.gpus_per_node: 0 to train on CPUs on purpose")
+
+
+@contextmanager
+def scoped_environment():
+    """Undo, on leaving, every change made to os.environ inside: the rendezvous defaults set here and the
+    variables Accelerate exports (RANK, LOCAL_WORLD_SIZE, ...), which would otherwise leak into later runs
+    in the same process and into the jobs it submits."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
+def setup_runtime(backend: str, gpus_per_node: int = 0, timeout_s: int = 600) -> Runtime:
+    """Pick the device and join the process group (call it inside `scoped_environment`).
+
+    Without WORLD_SIZE in the environment the run is one process; it still joins a group of one for
+    DeepSpeed, which needs one.
+    """
+    require_cuda(gpus_per_node)
+    if "WORLD_SIZE" not in os.environ:
+        defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(free_port())}
+        os.environ.update({k: v for k, v in defaults.items() if k not in os.environ})
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available() and gpus_per_node:
+        # launch.py leaves every GPU of the node visible, so this is cuda:LOCAL_RANK (what DeepSpeed and
+        # Accelerate pick too); the modulo covers schedulers that bind one GPU per task.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # one volume shape throughout: let cuDNN pick the fastest kernels
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # processes sharing this machine
+        threads = max(1, len(os.sched_getaffinity(0)) // local_world)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # Accelerate would otherwise reset the thread count
+    owns = False
+    if (world_size > 1 or backend == "deepspeed") and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+        owns = True
+    return Runtime(rank, world_size, local_rank, device, owns)
+
+
+class StopSignal:
+    """Turns the preemption signal into a flag that the training loop checks at step boundaries.
+
+    Checkpointing inside the signal handler could interrupt a collective; the flag waits for a clean
+    boundary, where the ranks agree on it and checkpoint together. `forward` then hands the signal to the
+    handler installed before (submitit's: requeue on rank 0).
+    """
+
+    def __init__(self) -> None:
+        self.signum = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+        self.flag, self.prev, self.installed = False, None, False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.prev = signal.signal(self.signum, self._handle)
+            self.installed = True
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def restore(self) -> None:
+        if self.installed:
+            signal.signal(self.signum, self.prev)
+            self.installed = False
+
+    def forward(self) -> bool:
+        """Call the previous handler; False when there was none to call."""
+        self.restore()
+        if callable(self.prev):
+            self.prev(self.signum, None)
+            return True
+        return False
+
+
+
+

@@ -1,0 +1,84 @@
+"""The MONAI network and schedulers built from the config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import base_config
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from brainddpm.bench.train import bench_train
+from brainddpm.config import validate_config
+from brainddpm.errors import ConfigError
+from brainddpm.models.diffusion import build_ddim, build_model, build_scheduler, diffusion_loss
+
+TINY = {"channels": [8, 8, 8], "attention_levels": [False, False, True], "num_res_blocks": 1,
+        "num_head_channels": 8, "norm_num_groups": 8, "use_flash_attention": False}
+SCHED = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0005, "beta_end": 0.0195,
+         "prediction_type": "epsilon"}
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_unet_maps_a_volume_to_a_volume(flash):
+    net = build_model({**TINY, "use_flash_attention": flash})
+    assert isinstance(net, DiffusionModelUNet)
+    assert net.block_out_channels == [8, 8, 8] and list(net.attention_levels) == [False, False, True]
+    x = torch.rand(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        out = net(x, timesteps=torch.tensor([0, 999]))
+    assert out.shape == x.shape
+
+
+def test_middle_block_head_channels_are_checked():
+    # attention only at no level, but the middle block still attends over channels[-1] = 12
+    with pytest.raises(ConfigError, match="model.num_head_channels"):
+        validate_config({"model": {**TINY, "channels": [8, 8, 12], "attention_levels": [False] * 3,
+                                   "norm_num_groups": 4}}, partial=True)
+
+
+def test_schedulers_share_the_configured_betas():
+    ddpm = build_scheduler(SCHED)
+    assert isinstance(ddpm, DDPMScheduler) and ddpm.num_train_timesteps == 1000
+    expected = torch.linspace(0.0005 ** 0.5, 0.0195 ** 0.5, 1000) ** 2
+    assert torch.allclose(ddpm.betas, expected)
+    ddim = build_ddim(SCHED, steps=50)
+    assert isinstance(ddim, DDIMScheduler) and len(ddim.timesteps) == 50
+    assert torch.equal(ddim.alphas_cumprod, ddpm.alphas_cumprod)
+    cosine = build_scheduler({**SCHED, "schedule": "cosine"})  # takes no beta range
+    assert cosine.betas.shape == (1000,)
+
+
+def test_loss_is_reproducible_with_a_generator():
+    torch.manual_seed(0)
+    net, sched = build_model(TINY), build_scheduler(SCHED)
+    x = torch.rand(2, 1, 16, 16, 16)
+    a = diffusion_loss(net, sched, x, torch.Generator().manual_seed(1))
+    b = diffusion_loss(net, sched, x, torch.Generator().manual_seed(1))
+    assert a.ndim == 0 and a.item() == b.item() and a.item() > 0
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "accelerate", "ddp"])
+def test_bench_train_goes_through_the_training_engine(backend):
+    cfg = base_config(model=TINY, train={"backend": backend}, launch={"gpus_per_node": 0})
+    r = bench_train(cfg, (16, 16, 16), batch=2, steps=2, warmup=1)
+    assert r["device"] == "cpu" and r["precision"] == "fp32" and r["mfu"] is None and r["backend"] == backend
+    assert r["samples_per_s"] == pytest.approx(2 * r["steps_per_s"]) and r["samples_per_s"] > 0
+    assert r["flops_per_sample"] > 0 and r["peak_memory_bytes"] > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_loss_target_follows_the_prediction_type(prediction_type):
+    """A model that outputs the exact target has zero loss: the target is what the scheduler expects."""
+    scheduler = build_scheduler({**SCHED, "prediction_type": prediction_type})
+    x = torch.rand(2, 1, 8, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    target = {"epsilon": noise, "v_prediction": scheduler.get_velocity(x, noise, t), "sample": x}[prediction_type]
+
+    def oracle(x_t, timesteps):
+        return target
+
+    assert diffusion_loss(oracle, scheduler, x, torch.Generator().manual_seed(0)).item() == pytest.approx(0, abs=1e-10)
+    assert build_ddim({**SCHED, "prediction_type": prediction_type}, 10).prediction_type == prediction_type
