@@ -1,5 +1,6 @@
 """The command line: help texts, and one clear line (no traceback) for bad inputs."""
 
+import argparse
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ def test_every_subcommand_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"demo-cohort", "manifest", "split", "shard", "index", "train", "sample", "features", "bootstrap",
-            "gather", "memorization", "fetch-fid-weights", "report", "bench"} <= set(sub.choices)
+            "gather", "memorization", "fetch-fid-weights", "report", "bench", "condition-plan",
+            "condition-check"} <= set(sub.choices)
     for name, p in sub.choices.items():
         assert p.format_help(), name
 
@@ -40,3 +42,26 @@ def test_config_errors_name_the_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "brainddpm.cli", "split", "--config", "config/config.yaml", str(cfg),
                            "--manifest", "m.tsv", "--out", str(tmp_path / "s.tsv")], capture_output=True, text=True)
     assert proc.returncode == 2 and "config key 'train.lr'" in proc.stderr
+
+
+def test_every_option_has_help():
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, p in action.choices.items():
+                    walk(p, f"{path} {name}")
+            elif not action.help:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "brainddpm")
+    assert not missing, f"options without a help text: {missing}"
+
+
+def test_help_imports_no_library_code():
+    # the subcommands import what they call only when they run: `brainddpm --help` stays fast
+    code = ("import sys; from brainddpm.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'monai', 'h5py', 'yaml', 'jsonschema') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -1,0 +1,64 @@
+"""The sampling stage's subcommands: sample and condition-plan (the rules of sample.smk)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from brainddpm.commandline import config_args, load_args_config
+from brainddpm.errors import BrainDDPMError
+
+
+def cmd_sample(args) -> None:
+    from brainddpm.sampling.sample import run_sample
+
+    cfg = load_args_config(args)
+    run_sample(cfg["sample"], args.checkpoint, args.sampler, args.part, args.out, args.nifti_dir, args.sheet,
+               args.plan)
+
+
+def cmd_condition_plan(args) -> None:
+    from brainddpm.config import load_config
+    from brainddpm.sampling.plan import run_condition_plan
+
+    if args.config:
+        sample = load_config(args.config)["sample"]
+        plan_cfg = {"n": sample["n"], "conditions": sample.get("conditions", "match_validation"),
+                    "guidance_scale": sample.get("guidance_scale", 1.0)}
+    elif args.n is None:
+        raise BrainDDPMError("give --config, or --n (with --conditions-json and --guidance-scale)")
+    else:
+        plan_cfg = {"n": args.n, "conditions": json.loads(args.conditions_json), "guidance_scale": args.guidance_scale}
+    run_condition_plan(plan_cfg, args.checkpoint, args.real, args.out)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("sample", help="generate synthetic volumes (one sampling job)",
+                       description="Rebuild the model from the final checkpoint alone and sample the volumes of "
+                                   "job PART (volume i always uses seed sample.base_seed + i).")
+    config_args(p)
+    p.add_argument("--checkpoint", type=Path, required=True, help="model.safetensors of a training run")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], required=True,
+                   help="ddpm (all scheduler steps) or ddim (sample.ddim_steps steps)")
+    p.add_argument("--part", type=int, required=True, help="job number, 0..sample.jobs-1")
+    p.add_argument("--out", type=Path, required=True, help="output part-XXX.h5")
+    p.add_argument("--nifti-dir", type=Path, required=True, help="folder for one NIfTI per volume")
+    p.add_argument("--sheet", type=Path, help="PNG contact sheet of the part")
+    p.add_argument("--plan", type=Path, help="conditions.json of `condition-plan` (conditional models only)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("condition-plan", help="conditional models: which covariates each synthetic volume asks for",
+                       description="Write conditions.json: per synthetic volume the covariates it is sampled with "
+                                   "(sample.conditions: match_validation takes validation volume i's for volume i; "
+                                   "strata such as {age: [70, 80], sex: F, n: 50} give n volumes each) and "
+                                   "sample.guidance_scale. The covariate encoding comes from the model file.")
+    p.add_argument("--config", nargs="+", type=Path, metavar="YAML", help="config files (sample.n, "
+                   "sample.conditions, sample.guidance_scale); or the three options below (the workflow)")
+    p.add_argument("--n", type=int, help="synthetic volumes (sample.n)")
+    p.add_argument("--conditions-json", default='"match_validation"',
+                   help='sample.conditions as JSON: "match_validation" or a list of strata')
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="sample.guidance_scale (default: 1)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="model.safetensors of a conditional run")
+    p.add_argument("--real", type=Path, required=True, help="validation split folder (match_validation)")
+    p.add_argument("--out", type=Path, required=True, help="output conditions.json")
+    p.set_defaults(func=cmd_condition_plan)
