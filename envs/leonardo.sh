@@ -21,7 +21,7 @@ set -euo pipefail
 PYTHON_MODULE=${BRAINDDPM_PYTHON_MODULE:-python/3.11.7}
 TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cu126}
 
-if [ ! -f pyproject.toml ] || [ ! -f workflow/Snakefile ]; then
+if [ ! -f pyproject.toml ] || [ ! -f Snakefile ]; then
     echo "envs/leonardo.sh: run me from the brain-ddpm repository root (cd \$WORK/brain-ddpm)" >&2
     exit 2
 fi

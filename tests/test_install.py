@@ -72,10 +72,9 @@ def test_leonardo_setup_refuses_a_cpu_torch(tmp_path):
     if torch.version.cuda:
         pytest.skip("this torch is a CUDA build: the refusal cannot be shown here")
     repo = tmp_path / "repo"
-    (repo / "workflow").mkdir(parents=True)
-    (repo / "envs").mkdir()
+    (repo / "envs").mkdir(parents=True)
     shutil.copy(ROOT / "envs" / "leonardo.sh", repo / "envs")
-    shutil.copy(ROOT / "workflow" / "Snakefile", repo / "workflow")
+    shutil.copy(ROOT / "Snakefile", repo)
     shutil.copy(ROOT / "pyproject.toml", repo)
     fake = tmp_path / "bin"
     fake.mkdir()
