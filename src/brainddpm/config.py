@@ -161,7 +161,7 @@ def msssim_min_size(kernel_size: int, scales: int) -> int:
     """Smallest edge length MONAI's MS-SSIM accepts for this kernel and number of scales.
 
     Both MONAI's size check (edge // (scales-1)² >= kernel) and the valid convolution at the
-    coarsest scale (edge // 2^(scales-1) >= kernel) must hold. Lives here (not in metrics.py) so that
+    coarsest scale (edge // 2^(scales-1) >= kernel) must hold. Lives here (not in evaluation/metrics.py) so that
     validating a config, which Snakemake does in every job, never imports torch or MONAI.
     """
     return kernel_size * max(1, (scales - 1) ** 2, 2 ** (scales - 1))

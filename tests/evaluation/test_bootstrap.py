@@ -61,7 +61,7 @@ def test_resample_equals_brute_force_on_the_drawn_indices():
     inputs, x, y, fr, fs = make_inputs()
     seed, b = 5, 3
     got = {k: v[0] for k, v in B.resample_chunk(inputs, b, b + 1, seed).items()}
-    rng = np.random.default_rng([seed, b])  # draw order documented in brainddpm.bootstrap
+    rng = np.random.default_rng([seed, b])  # draw order documented in brainddpm.evaluation.bootstrap
     ix, iy = rng.integers(0, 12, 12), rng.integers(0, 10, 10)
     kxx, kyy, kxy = M.gram_matrices(x, y)
     cross = kxy[np.ix_(ix, iy)].mean()

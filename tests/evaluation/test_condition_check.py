@@ -1,4 +1,4 @@
-"""The conditioning check (condition_check.py) on volumes whose ventricles grow with age by construction."""
+"""The conditioning check (evaluation/condition_check.py) on volumes whose ventricles grow with age by construction."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Covariate encoding, CFG condition dropping and sampling plans (conditioning.py), and their round trip
-through manifest, shards, training and the final model file."""
+"""Covariate encoding (models/conditioning.py), CFG condition dropping (models/diffusion.py) and sampling
+plans (sampling/plan.py), and their round trip through manifest, shards, training and the final model file."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Bootstrap confidence intervals over precomputed matrices, split into independent chunks.
 
-Everything expensive is computed once (brainddpm.metrics): the linear Gram matrices of the
+Everything expensive is computed once (brainddpm.evaluation.metrics): the linear Gram matrices of the
 flattened volumes, the pairwise MS-SSIM matrices and the feature vectors.  A resample only
 re-weights them with count vectors, so 1000 resamples cost a few seconds.
 

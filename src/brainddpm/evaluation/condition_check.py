@@ -20,7 +20,7 @@ lowest value. On the demo cohort (ventricles that grow with age by construction)
 between age 80 and age 25 must be positive with a CI that excludes zero.
 
 Why these are written here: the predictors are scikit-learn's; only the features and the bootstrap of
-simple means over volumes (no duplicates, no pairs: unlike bootstrap.py's) are ours.
+simple means over volumes (no duplicates, no pairs: unlike evaluation/bootstrap.py's) are ours.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ and the memorization check.
 
 `run_features` does every expensive computation once (Gram matrices, pairwise MS-SSIM matrices,
 MedicalNet features) on the n real validation and n synthetic volumes and stores them with the ids
-of the volumes used; bootstrap jobs only index those arrays (brainddpm.bootstrap).
+of the volumes used; bootstrap jobs only index those arrays (brainddpm.evaluation.bootstrap).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ NETWORKS = {"resnet10": (resnet10, 512), "resnet50": (resnet50, 2048)}
 FETCH_HINT = (
     "MedicalNet weights are not downloaded during evaluation; fetch them first on a node with "
     "internet access (the workflow's weight-download rule, or "
-    "brainddpm.medicalnet.download_weights(evaluate.fid.url, evaluate.fid.weights))"
+    "brainddpm.evaluation.medicalnet.download_weights(evaluate.fid.url, evaluate.fid.weights))"
 )
 
 

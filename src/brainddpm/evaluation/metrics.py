@@ -4,7 +4,7 @@ Pure functions on numpy arrays.  Volumes are float32 arrays shaped (N, 1, D, H, 
 in [0, 1], background exactly 0.  Definitions, data ranges and caveats: docs/metrics.md.
 
 The expensive parts (Gram matrices, pairwise MS-SSIM matrices, features) are computed once by
-the functions here; the bootstrap (brainddpm.bootstrap) only re-weights those matrices.
+the functions here; the bootstrap (brainddpm.evaluation.bootstrap) only re-weights those matrices.
 """
 
 from __future__ import annotations

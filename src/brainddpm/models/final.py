@@ -54,7 +54,7 @@ def load_final(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn
     """Rebuild the trained network from ``model.safetensors`` alone: (model in eval mode, config dict).
 
     The config dict holds "model", "scheduler" and "data" (target_shape, affine, intensity_range), for a
-    conditional model "condition" (the covariate encoding, conditioning.py), plus "code_version" and
+    conditional model "condition" (the covariate encoding, models/conditioning.py), plus "code_version" and
     "step" from the file's metadata.
     """
     config, weights = read_final(path)

@@ -3,7 +3,7 @@
 `setup_runtime` is the first thing a training process does: it picks the device (cuda:LOCAL_RANK, or
 the CPU), refuses to fall back to the CPU when GPUs were asked for, and joins the process group (NCCL
 on GPUs, gloo on CPUs) from the rendezvous in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT: exported by submitit's TorchDistributedEnvironment in launch.py), with a
+MASTER_ADDR, MASTER_PORT: exported by submitit's TorchDistributedEnvironment in training/launch.py), with a
 collective timeout so that a dead rank does not stall the others for long. `claim_gpu` gives each of
 several processes on one machine (sampling jobs) a GPU of its own.
 """
@@ -99,7 +99,7 @@ def setup_runtime(backend: str, gpus_per_node: int = 0, timeout_s: int = 600) ->
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available() and gpus_per_node:
-        # launch.py leaves every GPU of the node visible, so this is cuda:LOCAL_RANK (what DeepSpeed and
+        # training/launch.py leaves every GPU of the node visible, so this is cuda:LOCAL_RANK (what DeepSpeed and
         # Accelerate pick too); the modulo covers schedulers that bind one GPU per task.
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
