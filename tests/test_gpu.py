@@ -17,7 +17,8 @@ from brainddpm.config import deep_merge
 from brainddpm.data.nifti import target_affine
 from brainddpm.models.diffusion import build_model, build_scheduler
 from brainddpm.models.final import save_final
-from brainddpm.training.loop import Engine, RunPlan, train
+from brainddpm.training.engine import Engine, RunPlan
+from brainddpm.training.loop import train
 from brainddpm.training.runtime import scoped_environment, setup_runtime
 
 pytestmark = [

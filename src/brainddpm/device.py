@@ -1,8 +1,10 @@
-"""Which device a job runs on: shared by every stage that may use a GPU (training, sampling, evaluation).
+"""Which device a job runs on, and how fast it runs there: shared by every stage that may use a GPU.
 
 `claim_gpu` gives each of several processes on one machine (sampling or feature jobs that Snakemake
 runs side by side) a GPU of its own, by a lock file per GPU; `pick_device` turns a config's `device` key
-(auto, cpu, cuda) into a device.
+(auto, cpu, cuda) into a device. `resolve_performance` turns the `performance` config section (compile,
+channels-last, bf16 GroupNorm: how fast a step runs, never what it computes beyond float rounding) into
+a `Performance` for one device, for training (training/engine.py) and sampling alike.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import fcntl
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from brainddpm.errors import BrainDDPMError
+from brainddpm.errors import BrainDDPMError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +65,45 @@ def claim_gpu(lock_dir: Path | None = None) -> torch.device:
 
 
 def pick_device(name: str) -> torch.device:
-    """sample.device → a device: a GPU no other brainddpm job on this machine holds (runtime.claim_gpu)."""
+    """sample.device → a device: a GPU no other brainddpm job on this machine holds (claim_gpu)."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise BrainDDPMError("sample.device is 'cuda' but no GPU is visible")
         return claim_gpu()
     return torch.device("cpu")
+
+
+# What `auto` means on a CUDA device, key by key (measured: docs/benchmarks.md, "GPU round 2"); on a CPU
+# `auto` is off for every key.
+CUDA_DEFAULTS = {"compile": True, "channels_last": False, "low_precision_norm": False}
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class Performance:
+    """How the step runs (never what it computes): the `performance` section resolved for one device."""
+    compile: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
+    low_precision_norm: bool = False  # GroupNorm in bf16 under bf16 autocast (fp32 statistics inside)
+    compile_backend: str = "inductor"  # torch.compile's backend (tests use a failing one)
+
+
+EAGER = Performance()
+
+
+def resolve_performance(section: dict | None, device: torch.device) -> Performance:
+    """The `performance` section for `device`: `auto` is CUDA_DEFAULTS on a GPU and off on a CPU."""
+    section = section or {}
+    cuda = device.type == "cuda"
+
+    def flag(key: str) -> bool:
+        value = section.get(key, "auto")
+        return (cuda and CUDA_DEFAULTS[key]) if value == "auto" else bool(value)
+
+    mode = section.get("compile_mode", "default")
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"config key 'performance.compile_mode': {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    return Performance(compile=flag("compile"), compile_mode=mode, channels_last=flag("channels_last"),
+                       low_precision_norm=flag("low_precision_norm"))
 

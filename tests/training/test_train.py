@@ -18,7 +18,8 @@ from brainddpm.data.nifti import grid_affine
 from brainddpm.errors import CheckpointError
 from brainddpm.models.diffusion import build_model, build_scheduler
 from brainddpm.models.final import load_final
-from brainddpm.training.loop import Engine, RunPlan, ema_decay_at, train
+from brainddpm.training.engine import Engine, RunPlan, ema_decay_at
+from brainddpm.training.loop import train
 from brainddpm.training.runtime import scoped_environment, setup_runtime
 
 

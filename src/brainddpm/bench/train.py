@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from brainddpm.models.diffusion import build_model, build_scheduler, diffusion_loss
-from brainddpm.training.loop import Engine, RunPlan, ema_decay_at, ema_update
+from brainddpm.device import resolve_performance
+from brainddpm.models.diffusion import build_model, build_scheduler, diffusion_loss, use_low_precision_norms
+from brainddpm.training.engine import Engine, RunPlan, ema_decay_at, ema_update
 from brainddpm.training.perf import (
     autocast,
     device_name,
@@ -42,32 +43,43 @@ from brainddpm.training.perf import (
 from brainddpm.training.runtime import scoped_environment, setup_runtime
 
 
-def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3, ema: bool = False) -> dict:
+def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3, ema: bool = False,
+                memory_cap_bytes: int | None = None) -> dict:
     """Time `steps` optimizer steps of `batch` random volumes after `warmup` untimed ones, in this process.
 
     `cfg` needs the model, scheduler, train and launch sections; train.backend and train.precision pick
-    the engine and precision exactly as in training (gradient accumulation 1, micro-batch `batch`).
-    `ema`: also update an fp32 EMA of the weights after each step, as the training loop does.
+    the engine and precision exactly as in training (gradient accumulation 1, micro-batch `batch`), and
+    the `performance` section (compile, channels-last, bf16 GroupNorm) as training resolves it for the
+    device. `ema`: also update an fp32 EMA of the weights after each step, as the training loop does.
+    `memory_cap_bytes`: on a GPU, allow this process no more device memory than that
+    (`torch.cuda.set_per_process_memory_fraction`), e.g. a LEONARDO A100's 64 GB on a larger GPU.
+    The warm-up steps carry cuDNN's autotuning and the compilation: their time is `warmup_s`.
     """
     train_cfg = {**cfg["train"], "micro_batch": batch, "grad_accum": 1}
     with scoped_environment():
         runtime = setup_runtime(train_cfg["backend"], cfg["launch"]["gpus_per_node"],
                                 cfg["launch"]["collective_timeout_s"])
         device = runtime.device
+        performance = resolve_performance(cfg.get("performance"), device)
+        if memory_cap_bytes and device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_bytes / total), device)
         torch.manual_seed(0)
         net = build_model(cfg["model"]).to(device).train()
         scheduler = build_scheduler(cfg["scheduler"])
         plan = RunPlan(batch, 1, 1, steps, warmup + steps, use_bf16(train_cfg["precision"], device))
         flops = flops_per_sample(net, target_shape, device, plan.bf16, scheduler.num_train_timesteps)
-        engine = Engine(train_cfg, plan, runtime, net, scheduler)
+        engine = Engine(train_cfg, plan, runtime, net, scheduler, performance)
         x = torch.rand(batch, 1, *target_shape, device=device)
         generator = torch.Generator(device=device).manual_seed(0)
         averaged = {k: v.detach().clone().float() for k, v in net.state_dict().items()} if ema else None
         try:
-            t0 = 0.0
+            t0, t_first = 0.0, time.perf_counter()
+            warmup_s = 0.0
             for i in range(warmup + steps):
                 if i == warmup:
                     synchronize(device)
+                    warmup_s = time.perf_counter() - t_first
                     reset_peak_memory(device)
                     t0 = time.perf_counter()
                 loss = engine.micro_step(x, generator, boundary=True)
@@ -77,11 +89,17 @@ def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3
             elapsed = time.perf_counter() - t0
         finally:
             engine.close()
+            if memory_cap_bytes and device.type == "cuda":
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+            if performance.compile:
+                torch._dynamo.reset()
             if runtime.owns_group and runtime.world_size > 1 and dist.is_initialized():
                 dist.destroy_process_group()
     samples_per_s = steps * batch / elapsed
     return {
         "device": device_name(device), "backend": train_cfg["backend"], "precision": plan.precision,
+        "performance": {k: v for k, v in asdict(performance).items() if k != "compile_backend"},
+        "memory_cap_bytes": memory_cap_bytes, "warmup_steps": warmup, "warmup_s": warmup_s,
         "batch": batch, "steps": steps, "target_shape": list(target_shape),
         "parameters": sum(p.numel() for p in net.parameters()), "steps_per_s": steps / elapsed,
         "samples_per_s": samples_per_s, "flops_per_sample": flops, "tflops_per_s": flops * samples_per_s / 1e12,
@@ -198,7 +216,9 @@ class Levers:
     precision: str = "bf16"  # "bf16" (autocast over fp32 weights) or "fp32" (TF32 convolutions, PyTorch's default)
     channels_last: bool = False  # model and input in torch.channels_last_3d
     flash: bool = True  # use_flash_attention: SDPA in MONAI's attention blocks (the reference config's value)
-    compile: bool = False  # torch.compile of the UNet (default mode)
+    compile: bool = False  # torch.compile of the UNet
+    compile_mode: str = "default"  # or "max-autotune-no-cudagraphs"
+    low_precision_norm: bool = False  # GroupNorm in bf16 under bf16 autocast (models/diffusion.py)
     fused_adam: bool = False  # torch.optim.Adam(fused=True) instead of the foreach default
     checkpointing: bool = False  # activation checkpointing of every down, middle and up block
     ema: bool = True  # the loop's EMA update after each step
@@ -208,7 +228,8 @@ class Levers:
         on = [self.precision]
         on += ["channels_last_3d"] if self.channels_last else []
         on += [] if self.flash else ["math attention"]
-        on += ["torch.compile"] if self.compile else []
+        on += [f"torch.compile ({self.compile_mode})"] if self.compile else []
+        on += ["bf16 GroupNorm"] if self.low_precision_norm else []
         on += ["fused Adam"] if self.fused_adam else []
         on += ["activation checkpointing"] if self.checkpointing else []
         on += [] if self.ema else ["no EMA"]
@@ -247,9 +268,12 @@ def build_step(cfg: dict, target_shape, batch: int, device: torch.device, levers
     fmt = torch.channels_last_3d if levers.channels_last else torch.contiguous_format
     if levers.channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
+    if levers.low_precision_norm:
+        use_low_precision_norms(net)
     if levers.checkpointing:
         apply_checkpointing(net)
-    model = torch.compile(net) if levers.compile else net
+    compile_kwargs = {} if levers.compile_mode == "default" else {"mode": levers.compile_mode}
+    model = torch.compile(net, **compile_kwargs) if levers.compile else net
     train_cfg = cfg["train"]
     optimizer = torch.optim.Adam(net.parameters(), lr=train_cfg["lr"], betas=tuple(train_cfg["betas"]),
                                  weight_decay=train_cfg["weight_decay"],

@@ -42,6 +42,40 @@ def build_model(model_cfg: dict, context_dim: int | None = None) -> DiffusionMod
     )
 
 
+class LowPrecisionGroupNorm(torch.nn.GroupNorm):
+    """GroupNorm that runs in bf16 under bf16 autocast, instead of autocast's fp32.
+
+    Autocast lists group_norm among the ops it runs in fp32: each of the UNet's GroupNorms then reads a
+    bf16 activation, casts it to fp32, normalises, writes fp32, and the next convolution casts it back:
+    three passes over the activation where one would do (on one H100, fp32 GroupNorm and the casts around
+    it were a third of the step's kernel time, docs/benchmarks.md). Here the input stays bf16 and autocast
+    is off around `group_norm`; PyTorch's GroupNorm kernels accumulate the mean and variance of bf16
+    inputs in fp32, so only the normalised output is rounded to bf16. The weights stay fp32 (cast per call),
+    and outside bf16 autocast this is a plain GroupNorm. Not in MONAI or PyTorch, hence written here.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16):
+            return super().forward(x)
+        with torch.autocast(device, enabled=False):
+            x = x.to(torch.bfloat16)
+            weight = None if self.weight is None else self.weight.to(torch.bfloat16)
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
+def use_low_precision_norms(net: torch.nn.Module) -> int:
+    """Turn every GroupNorm of `net` into a LowPrecisionGroupNorm, in place (same parameters and state dict
+    keys, so checkpoints and model files do not change); returns how many were turned."""
+    count = 0
+    for module in net.modules():
+        if type(module) is torch.nn.GroupNorm:
+            module.__class__ = LowPrecisionGroupNorm
+            count += 1
+    return count
+
+
 def _schedule_args(sched_cfg: dict) -> dict:
     # the data live in [0, 1] (data stage): clip the predicted x0 there, not to MONAI's default [-1, 1]
     args = {"num_train_timesteps": int(sched_cfg["num_train_timesteps"]), "schedule": sched_cfg["schedule"],

@@ -23,11 +23,11 @@ import torch
 
 from brainddpm.data.nifti import save_volume
 from brainddpm.data.shards import write_shard
-from brainddpm.device import pick_device
+from brainddpm.device import Performance, pick_device, resolve_performance
 from brainddpm.errors import BadInputError, BrainDDPMError, ConfigError
 from brainddpm.fileio import atomic_path, sha256_file
 from brainddpm.models.conditioning import NULL_FILL, CovariateEncoding
-from brainddpm.models.diffusion import build_ddim, build_scheduler
+from brainddpm.models.diffusion import build_ddim, build_scheduler, use_low_precision_norms
 from brainddpm.models.final import load_final
 from brainddpm.sampling.plan import read_plan
 
@@ -111,15 +111,35 @@ def conditions_for(config: dict, plan_path: Path | None, checkpoint: Path) -> tu
     return encoding, plan
 
 
+def fast_model(model: torch.nn.Module, performance: Performance) -> torch.nn.Module:
+    """The network as sampling calls it: compiled when `performance.compile` (once per shape: the last,
+    smaller batch of a job compiles again), GroupNorm in bf16 when `performance.low_precision_norm`. A
+    graph that fails to compile runs eagerly, with a warning (dynamo's `suppress_errors`)."""
+    if performance.low_precision_norm:
+        use_low_precision_norms(model)
+    if not performance.compile:
+        return model
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    log.info("compiling the network (torch.compile, mode %s; performance.compile: false runs eagerly)",
+             performance.compile_mode)
+    kwargs = {} if performance.compile_mode == "default" else {"mode": performance.compile_mode}
+    return torch.compile(model, backend=performance.compile_backend, dynamic=False, **kwargs)
+
+
 def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out: Path, nifti_dir: Path,
-               sheet: Path | None = None, plan_path: Path | None = None) -> dict:
+               sheet: Path | None = None, plan_path: Path | None = None, performance: dict | None = None) -> dict:
     """Sample the volumes of job `part`; write them as an HDF5 part, one NIfTI each, and a contact sheet.
 
     A conditional model samples volume i with the covariates the plan gives it (classifier-free guided with
     the plan's guidance scale); they are stored with the volume (HDF5 and a JSON sidecar next to its NIfTI).
+    `performance`: the config's `performance` section (device.resolve_performance: on a GPU, `auto`
+    compiles the network; never on a CPU unless asked).
     """
     device = pick_device(sample_cfg["device"])
     model, config = load_final(checkpoint, device)
+    model = fast_model(model, resolve_performance(performance, device))
     encoding, plan = conditions_for(config, plan_path, checkpoint)
     if plan and len(plan["volumes"]) != sample_cfg["n"]:
         raise BadInputError(plan_path, f"plans {len(plan['volumes'])} volumes, sample.n is {sample_cfg['n']}")

@@ -1,8 +1,11 @@
-"""Figures written by the workflow (matplotlib, no display needed)."""
+"""The training run's progress: logging setup, the loss log (loss.csv) and its figure (loss.png)."""
 
 from __future__ import annotations
 
+import collections
 import csv
+import logging
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from brainddpm.fileio import atomic_path
+
+log = logging.getLogger(__name__)
 
 
 def plot_loss(csv_path: Path, png_path: Path) -> None:
@@ -48,3 +53,103 @@ def plot_loss(csv_path: Path, png_path: Path) -> None:
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)
+
+
+def prepare_loss_csv(path: Path, keep_until_step: int) -> None:
+    """loss.csv with the header and the rows up to the resumed step (later ones are redone)."""
+    rows = []
+    if keep_until_step > 0 and path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f)][1:]
+        rows = [r for r in rows if r and int(r[0]) <= keep_until_step]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["step", "epoch", "loss", "lr", "samples_per_s"], *rows])
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("brainddpm.training").setLevel(logging.INFO)
+
+
+def format_duration(seconds: float | None) -> str:
+    """12 s, 7 min 5 s, 3 h 20 min; '?' when unknown."""
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+class StepLog:
+    """The run as it goes, step by step: timing on every rank; on rank 0 (`write`) also a row of the loss log
+    per step and a progress line with the loss, samples/s and the ETA: a tqdm bar on a terminal, else a log
+    line every `log_every` steps (what `tail -f` on the rule's or the SLURM job's log shows), and a summary
+    line per epoch. The first step of a job (warm-up, compilation) is not timed."""
+
+    def __init__(self, csv_path: Path, total_steps: int, start_step: int, steps_per_epoch: int,
+                 samples_per_step: int, lr: float, log_every: int, write: bool) -> None:
+        self.csv_path, self.total_steps, self.samples_per_step = csv_path, total_steps, samples_per_step
+        self.lr, self.log_every, self.write = lr, log_every, write
+        self.recent: collections.deque = collections.deque(maxlen=steps_per_epoch)  # last epoch's worth of losses
+        self.timed_steps, self.timed_s, self.first_step = 0, 0.0, True
+        self.epoch_losses: list[float] = []
+        self.epoch_s = 0.0
+        self.bar = None
+        if write and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    @property
+    def samples_per_s(self) -> float | None:
+        """Per process, over the timed steps of this job."""
+        return self.timed_steps * self.samples_per_step / self.timed_s if self.timed_s > 0 else None
+
+    @property
+    def final_loss(self) -> float | None:
+        """Mean loss over the last epoch's worth of steps."""
+        return sum(self.recent) / len(self.recent) if self.recent else None
+
+    def eta_s(self, step: int) -> float | None:
+        return (self.total_steps - step) * self.timed_s / self.timed_steps if self.timed_steps else None
+
+    def step(self, step: int, epoch: int, loss: float, seconds: float) -> None:
+        if not self.first_step:
+            self.timed_steps, self.timed_s = self.timed_steps + 1, self.timed_s + seconds
+        self.first_step = False
+        self.recent.append(loss)
+        self.epoch_losses.append(loss)
+        self.epoch_s += seconds
+        if not self.write:
+            return
+        rate = self.samples_per_step / seconds
+        with open(self.csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([step, epoch, f"{loss:.6g}", self.lr, f"{rate:.4g}"])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4g}", samples_s=f"{rate:.3g}")
+        elif step % self.log_every == 0 or step == self.total_steps:
+            log.info("step %d/%d epoch %d loss %.5g lr %.3g %.3g samples/s/process ETA %s", step, self.total_steps,
+                     epoch, loss, self.lr, rate, format_duration(self.eta_s(step)))
+
+    def end_epoch(self, epoch: int, mfu: float | None, peak_memory_bytes: int) -> None:
+        if self.write and self.epoch_losses:
+            rate = len(self.epoch_losses) * self.samples_per_step / self.epoch_s
+            log.info("epoch %d: mean loss %.5g, %.3g samples/s per process, MFU %s, peak memory %.3g GiB", epoch,
+                     sum(self.epoch_losses) / len(self.epoch_losses), rate, "n/a" if mfu is None else f"{mfu:.1%}",
+                     peak_memory_bytes / 2**30)
+        self.epoch_losses, self.epoch_s = [], 0.0
+
+    @property
+    def epoch_samples_per_s(self) -> float | None:
+        return len(self.epoch_losses) * self.samples_per_step / self.epoch_s if self.epoch_s > 0 else None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
