@@ -1,4 +1,5 @@
-"""Covariates for conditional generation: how they are read, encoded for the network, and planned for sampling.
+"""Covariates for conditional generation: how they are encoded for the network (data/covariates.py reads
+them from the participants tables, sampling/plan.py plans them for sampling).
 
 The `condition` config section lists covariates from the participants tables (continuous ones such as
 age, categorical ones such as sex, diagnosis or dataset). They travel manifest -> split -> shards as raw
