@@ -36,7 +36,8 @@ def _add_train(bsub) -> None:
 
 def _add_eval(bsub) -> None:
     b = bsub.add_parser("eval", help="one point evaluation of all metrics vs the bootstrap resamples")
-    b.add_argument("--n", type=int, default=86, help="volumes per side, real and synthetic (random stand-ins; default: 86)")
+    b.add_argument("--n", type=int, default=86,
+                   help="volumes per side, real and synthetic (random stand-ins; default: 86)")
     b.add_argument("--shape", type=int, nargs=3, default=[84, 128, 84],
                    help="volume shape, D H W (default: 84 128 84)")
     b.add_argument("--kernel", type=int, default=5, help="MS-SSIM kernel size (default: 5)")
