@@ -112,13 +112,14 @@ def launch_config(**sections) -> dict:
 
 # ---- sampling ----
 
-def sample_jobs(cfg, ckpt, tmp, jobs, sampler="ddpm", device="cpu"):
+def sample_jobs(cfg, ckpt, tmp, jobs, sampler="ddpm", device="cpu", performance=None):
     """Sample 6 volumes (batch 2) in `jobs` sampling jobs; (volumes, names) in order."""
     sc = {**cfg["sample"], "n": 6, "batch": 2, "jobs": jobs, "device": device, "ddim_steps": 5}
     vols, names = [], []
     for part in range(jobs):
         out = tmp / f"j{jobs}" / f"part-{part:03d}.h5"
-        run_sample(sc, ckpt, sampler, part, out, tmp / f"j{jobs}" / f"nifti-{part:03d}", tmp / f"j{jobs}" / "s.png")
+        run_sample(sc, ckpt, sampler, part, out, tmp / f"j{jobs}" / f"nifti-{part:03d}", tmp / f"j{jobs}" / "s.png",
+                   performance=performance)
         with h5py.File(out) as f:
             vols.append(f["images"][()])
             names += [s.decode() for s in f["subject"][()]]

@@ -30,3 +30,20 @@ def load_args_config(args) -> dict:
     if args.config_json:
         return validate_config(json.loads(args.config_json), partial=True)
     return load_config(args.config)
+
+
+def performance_args(p: argparse.ArgumentParser) -> None:
+    """Add `--performance-json`: the `performance` section apart from `--config-json` (the workflow passes it
+    as a resource: how fast a job runs is no rerun trigger)."""
+    p.add_argument("--performance-json", metavar="JSON",
+                   help="the `performance` section as JSON (compile, channels-last, bf16 GroupNorm), apart from "
+                        "--config-json; it overrides a `performance` section of --config")
+
+
+def with_performance(cfg: dict, args) -> dict:
+    """`cfg` with the `--performance-json` section in place, validated."""
+    if not getattr(args, "performance_json", None):
+        return cfg
+    from brainddpm.config import validate_config
+
+    return validate_config({**cfg, "performance": json.loads(args.performance_json)}, partial=True)

@@ -234,3 +234,12 @@ def is_conditioned(cfg: dict) -> bool:
     """True when the config asks for a conditional model (`condition.covariates` not empty)."""
     return bool(covariate_names(cfg.get("condition")))
 
+
+
+def performance_section(cfg: dict) -> dict:
+    """The `performance` section (absent: every key auto), with the legacy `train.compile: true` of configs
+    written before the section existed read as `performance.compile: true` where the section leaves it auto."""
+    section = dict(cfg.get("performance") or {})
+    if (cfg.get("train") or {}).get("compile") and section.get("compile", "auto") == "auto":
+        section["compile"] = True
+    return section

@@ -82,3 +82,27 @@ def test_loss_target_follows_the_prediction_type(prediction_type):
 
     assert diffusion_loss(oracle, scheduler, x, torch.Generator().manual_seed(0)).item() == pytest.approx(0, abs=1e-10)
     assert build_ddim({**SCHED, "prediction_type": prediction_type}, 10).prediction_type == prediction_type
+
+
+def test_low_precision_group_norm_runs_in_bf16_with_the_same_result():
+    from brainddpm.models.diffusion import LowPrecisionGroupNorm, use_low_precision_norms
+
+    torch.manual_seed(0)
+    net = build_model(base_config()["model"])
+    keys = list(net.state_dict())
+    assert use_low_precision_norms(net) > 0 and list(net.state_dict()) == keys  # checkpoints do not change
+    norm = next(m for m in net.modules() if isinstance(m, LowPrecisionGroupNorm))
+    reference = torch.nn.GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps)
+    reference.load_state_dict(norm.state_dict())
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        reference.weight.copy_(norm.weight)
+    x = torch.randn(2, norm.num_channels, 6, 6, 6) * 3 + 1
+    assert torch.equal(norm(x), reference(x))  # outside autocast: a plain GroupNorm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    expected = reference(x)
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
+    out.float().sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32

@@ -31,7 +31,23 @@ def _add_train(bsub) -> None:
     b.add_argument("--backend", choices=["deepspeed", "accelerate", "ddp"],
                    help="training engine to time (default: the preset's train.backend)")
     b.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default: the preset's train.precision")
-    b.add_argument("--compile", action="store_true", help="train.compile: torch.compile the UNet (CUDA only)")
+    b.add_argument("--compile", choices=["auto", "true", "false"],
+                   help="performance.compile (default: the preset's, auto: on for CUDA); warm-up steps include "
+                        "compiling")
+    b.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"],
+                   help="performance.compile_mode (default: the preset's)")
+    b.add_argument("--channels-last", choices=["auto", "true", "false"],
+                   help="performance.channels_last (default: the preset's)")
+    b.add_argument("--low-precision-norm", choices=["auto", "true", "false"],
+                   help="performance.low_precision_norm: GroupNorm in bf16 (default: the preset's)")
+    b.add_argument("--memory-cap-gib", type=float,
+                   help="allow this process at most this much GPU memory, e.g. 59.6 for a 64 GB A100")
+    b.add_argument("--baseline", choices=["tutorial", "none"], default="tutorial",
+                   help="on a GPU, also time the MONAI 3D DDPM tutorial's step (fp16, GradScaler) on the same "
+                        "model, shape and batch (default: tutorial)")
+    b.add_argument("--json", type=Path, metavar="PATH",
+                   help="also write the figures (device, versions, samples/s, MFU, peak memory, for the loop "
+                        "and the baseline) as JSON")
 
 
 def _add_eval(bsub) -> None:

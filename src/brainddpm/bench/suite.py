@@ -11,6 +11,7 @@ sampling: wall time of DDPM (all steps) against DDIM on the same trained model.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -86,23 +87,51 @@ def _pct(x) -> str:
     return "n/a (no known peak for this device)" if x is None else f"{100 * x:.1f} %"
 
 
+def _environment(device) -> dict:
+    """Device and library versions, for a record that machines can read."""
+    import platform
+
+    import monai
+    import torch
+
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "monai": monai.__version__}
+    try:
+        import deepspeed
+
+        env["deepspeed"] = deepspeed.__version__
+    except Exception as exc:  # recorded, not fatal
+        env["deepspeed"] = f"not importable: {exc}"
+    return env
+
+
 def bench_train_main(args) -> None:
-    from brainddpm.bench.train import bench_train
+    import torch
+
+    from brainddpm.bench.train import bench_baseline, bench_train
+    from brainddpm.fileio import atomic_path
 
     cfg = _preset(args.preset)
     shape = args.target_shape or cfg["data"]["target_shape"]
     overrides = {k: v for k, v in (("backend", args.backend), ("precision", args.precision)) if v}
     cfg["train"].update(overrides)
-    if args.compile:
-        cfg["train"]["compile"] = True
-    import torch
-
+    word = {"auto": "auto", "true": True, "false": False}
+    performance = dict(cfg.get("performance") or {})
+    for key in ("compile", "channels_last", "low_precision_norm"):
+        if getattr(args, key) is not None:
+            performance[key] = word[getattr(args, key)]
+    if args.compile_mode:
+        performance["compile_mode"] = args.compile_mode
+    cfg["performance"] = performance
     cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
     cfg["launch"]["gpus_per_node"] = 1 if cuda else 0  # one process on one device
-    r = bench_train(cfg, shape, args.batch, args.steps)
+    cap = int(args.memory_cap_gib * 2**30) if args.memory_cap_gib else None
+    r = bench_train(cfg, shape, args.batch, args.steps, memory_cap_bytes=cap)
+    on = [k for k, v in r["performance"].items() if v is True]
     print(f"brainddpm bench train: preset {args.preset}, target {'x'.join(map(str, shape))}, batch {args.batch}, "
-          f"{args.steps} steps, {r['device']}, {r['backend']}, {r['precision']}"
-          + (", torch.compile (warm-up steps include compiling)" if args.compile else ""))
+          f"{args.steps} steps, {r['device']}, {r['backend']}, {r['precision']}, "
+          f"{', '.join(on) or 'eager'} (warm-up {r['warmup_s']:.0f} s, compiling included)")
     print(f"  parameters        : {r['parameters'] / 1e6:.1f} M")
     print(f"  FLOPs per sample  : {r['flops_per_sample'] / 1e12:.3f} TFLOP (forward + backward)")
     print(f"  steps/s           : {r['steps_per_s']:.3f}")
@@ -110,14 +139,23 @@ def bench_train_main(args) -> None:
     print(f"  achieved          : {r['tflops_per_s']:.2f} TFLOP/s")
     print(f"  MFU               : {_pct(r['mfu'])}")
     print(f"  peak memory       : {r['peak_memory_bytes'] / 2**30:.2f} GiB")
-    if cuda:  # side by side: the MONAI 3D DDPM tutorial's step (fp16 + GradScaler), same model, shape and batch
-        from brainddpm.bench.train import bench_baseline
-
-        b = bench_baseline(cfg, shape, args.batch, args.steps, torch.device("cuda"), flops=r["flops_per_sample"])
-        print(f"  baseline: {b['variant']}")
-        print(f"    samples/s       : {b['samples_per_s']:.3f}   (this loop: {r['samples_per_s'] / b['samples_per_s']:.2f}x)")
-        print(f"    MFU             : {_pct(b['mfu'])}")
-        print(f"    peak memory     : {b['peak_memory_bytes'] / 2**30:.2f} GiB")
+    baseline = None
+    if cuda and args.baseline == "tutorial":  # side by side: the MONAI 3D DDPM tutorial's step, same model/shape/batch
+        baseline = bench_baseline(cfg, shape, args.batch, args.steps, torch.device("cuda"),
+                                  flops=r["flops_per_sample"])
+        print(f"  baseline: {baseline['variant']}")
+        print(f"    samples/s       : {baseline['samples_per_s']:.3f}   "
+              f"(this loop: {r['samples_per_s'] / baseline['samples_per_s']:.2f}x)")
+        print(f"    MFU             : {_pct(baseline['mfu'])}")
+        print(f"    peak memory     : {baseline['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if args.json:
+        record = {"environment": _environment(torch.device("cuda" if cuda else "cpu")), "preset": args.preset,
+                  "target_shape": list(shape), "loop": r, "baseline": baseline,
+                  "loop_vs_baseline": r["samples_per_s"] / baseline["samples_per_s"] if baseline else None}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(record, indent=1, default=str))
+        print(f"  written           : {args.json}")
 
 
 def bench_eval(n: int, shape, kernel: int, scales: int, n_boot: int, jobs: int, device: str) -> dict:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from brainddpm.config import performance_section
 from brainddpm.device import resolve_performance
 from brainddpm.models.diffusion import build_model, build_scheduler, diffusion_loss, use_low_precision_norms
 from brainddpm.training.engine import Engine, RunPlan, ema_decay_at, ema_update
@@ -44,7 +45,7 @@ from brainddpm.training.runtime import scoped_environment, setup_runtime
 
 
 def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3, ema: bool = False,
-                memory_cap_bytes: int | None = None) -> dict:
+                memory_cap_bytes: int | None = None, profile_steps: int = 0) -> dict:
     """Time `steps` optimizer steps of `batch` random volumes after `warmup` untimed ones, in this process.
 
     `cfg` needs the model, scheduler, train and launch sections; train.backend and train.precision pick
@@ -54,13 +55,15 @@ def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3
     `memory_cap_bytes`: on a GPU, allow this process no more device memory than that
     (`torch.cuda.set_per_process_memory_fraction`), e.g. a LEONARDO A100's 64 GB on a larger GPU.
     The warm-up steps carry cuDNN's autotuning and the compilation: their time is `warmup_s`.
+    `profile_steps`: after the timed steps, run this many more under torch.profiler and return the device
+    time per step of each kernel (`kernels_s_per_step`), for the same compiled engine.
     """
     train_cfg = {**cfg["train"], "micro_batch": batch, "grad_accum": 1}
     with scoped_environment():
         runtime = setup_runtime(train_cfg["backend"], cfg["launch"]["gpus_per_node"],
                                 cfg["launch"]["collective_timeout_s"])
         device = runtime.device
-        performance = resolve_performance(cfg.get("performance"), device)
+        performance = resolve_performance(performance_section(cfg), device)
         if memory_cap_bytes and device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_bytes / total), device)
@@ -87,6 +90,9 @@ def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3
                     ema_update(averaged, net, ema_decay_at(i, cfg["train"]["ema_decay"]))
             synchronize(device)
             elapsed = time.perf_counter() - t0
+            peak = peak_memory(device)
+            kernels = _profile(lambda: engine.micro_step(x, generator, boundary=True), device, profile_steps) \
+                if profile_steps else None
         finally:
             engine.close()
             if memory_cap_bytes and device.type == "cuda":
@@ -103,9 +109,29 @@ def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3
         "batch": batch, "steps": steps, "target_shape": list(target_shape),
         "parameters": sum(p.numel() for p in net.parameters()), "steps_per_s": steps / elapsed,
         "samples_per_s": samples_per_s, "flops_per_sample": flops, "tflops_per_s": flops * samples_per_s / 1e12,
-        "mfu": mfu(flops, samples_per_s, device, plan.precision), "peak_memory_bytes": peak_memory(device),
-        "final_loss": float(loss), "ema": ema,
+        "mfu": mfu(flops, samples_per_s, device, plan.precision), "peak_memory_bytes": peak,
+        "final_loss": float(loss), "ema": ema, "kernels_s_per_step": kernels,
     }
+
+
+def _profile(step, device: torch.device, steps: int) -> dict[str, float]:
+    """Device seconds per step of each kernel over `steps` profiled calls of `step()`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        if device.type == "cuda" and "CUDA" not in str(getattr(event, "device_type", "")):
+            continue
+        us = getattr(event, "self_device_time_total", None)
+        if us is None or device.type != "cuda":
+            us = getattr(event, "self_cpu_time_total", 0)
+        kernels[event.key] = kernels.get(event.key, 0.0) + us / 1e6 / steps
+    return kernels
 
 
 # ---- the MONAI tutorial's step (the baseline) and the levers, on the bare UNet -----------------------------

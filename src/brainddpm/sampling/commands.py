@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from brainddpm.commandline import config_args, load_args_config
+from brainddpm.commandline import config_args, load_args_config, performance_args, with_performance
 from brainddpm.errors import BrainDDPMError
 
 
 def cmd_sample(args) -> None:
+    from brainddpm.config import performance_section
     from brainddpm.sampling.sample import run_sample
 
-    cfg = load_args_config(args)
+    cfg = with_performance(load_args_config(args), args)
     run_sample(cfg["sample"], args.checkpoint, args.sampler, args.part, args.out, args.nifti_dir, args.sheet,
-               args.plan)
+               args.plan, performance_section(cfg))
 
 
 def cmd_condition_plan(args) -> None:
@@ -45,6 +46,7 @@ def add_commands(sub) -> None:
     p.add_argument("--nifti-dir", type=Path, required=True, help="folder for one NIfTI per volume")
     p.add_argument("--sheet", type=Path, help="PNG contact sheet of the part")
     p.add_argument("--plan", type=Path, help="conditions.json of `condition-plan` (conditional models only)")
+    performance_args(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("condition-plan", help="conditional models: which covariates each synthetic volume asks for",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from brainddpm.commandline import config_args, load_args_config, log
+from brainddpm.commandline import config_args, load_args_config, log, performance_args, with_performance
 
 
 def cmd_train(args) -> None:
@@ -15,7 +15,7 @@ def cmd_train(args) -> None:
     cfg = load_args_config(args)
     if args.launch_json:  # the workflow passes `launch` apart: where a job runs does not retrain a model
         cfg = validate_config({**cfg, "launch": json.loads(args.launch_json)}, partial=True)
-    info = run_training(cfg, args.shards, args.out)
+    info = run_training(with_performance(cfg, args), args.shards, args.out)
     log.info("training finished: %s steps, final loss %s", info.get("steps"), info.get("final_loss"))
 
 
@@ -28,6 +28,7 @@ def add_commands(sub) -> None:
     p.add_argument("--launch-json", metavar="JSON",
                    help="the `launch` section as JSON, apart from --config-json (the workflow passes it as a "
                         "resource, so that changing where the job runs does not retrain a finished model)")
+    performance_args(p)
     p.add_argument("--shards", type=Path, required=True, help="training split folder (with index.json)")
     p.add_argument("--out", type=Path, required=True, help="run folder, e.g. results/train/reference")
     p.set_defaults(func=cmd_train)

@@ -130,8 +130,12 @@ class Engine:
         self.accelerator = None
         if performance.low_precision_norm and plan.bf16:
             use_low_precision_norms(net)
-        if performance.channels_last:
-            net.to(memory_format=torch.channels_last_3d)  # in place: the same parameters, NDHWC strides
+        deepspeed_backend = self.backend == "deepspeed"
+        if performance.channels_last and deepspeed_backend and train_cfg["zero_stage"] > 0:
+            raise ConfigError("config key 'performance.channels_last': DeepSpeed ZeRO-1/2 flattens the weights "
+                              "into one contiguous buffer; use it with train.zero_stage: 0 or another backend")
+        if performance.channels_last and not deepspeed_backend:
+            net.to(memory_format=torch.channels_last_3d)  # in place, before DDP builds its buckets
         optimizer = torch.optim.Adam(net.parameters(), lr=train_cfg["lr"], betas=tuple(train_cfg["betas"]),
                                      weight_decay=train_cfg["weight_decay"])
         if self.backend == "deepspeed":
@@ -140,6 +144,8 @@ class Engine:
             deepspeed.utils.logger.setLevel(logging.WARNING)
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=net, optimizer=optimizer,
                                                                     config=deepspeed_config(train_cfg, plan))
+            if performance.channels_last:  # after: DeepSpeed's broadcast of the weights views them as bytes
+                net.to(memory_format=torch.channels_last_3d)  # in place: the optimizer keeps the same parameters
         elif self.backend == "accelerate":
             from accelerate import Accelerator
 

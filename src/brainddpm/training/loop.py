@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from brainddpm.config import is_conditioned, validate_config
+from brainddpm.config import is_conditioned, performance_section, validate_config
 from brainddpm.data.dataset import ShardDataset
 from brainddpm.data.shards import training_split
 from brainddpm.device import resolve_performance
@@ -105,7 +105,8 @@ def _train(cfg: dict, shards_dir: Path, out_dir: Path, runtime: Runtime, stop: S
     scheduler = build_scheduler(cfg["scheduler"])
     flops = flops_per_sample(net, data_meta["target_shape"], runtime.device, plan.bf16,
                              scheduler.num_train_timesteps, context_dim) if peak_flops(runtime.device) else None
-    engine = Engine(train_cfg, plan, runtime, net, scheduler, resolve_performance(cfg.get("performance"), runtime.device))
+    performance = resolve_performance(performance_section(cfg), runtime.device)
+    engine = Engine(train_cfg, plan, runtime, net, scheduler, performance)
     cleanup.callback(engine.close)
     ema = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
     random.seed(seed + runtime.rank)
