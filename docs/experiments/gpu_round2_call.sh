@@ -21,7 +21,7 @@ for item in "$@"; do
   echo "== phase $phase, $left s"
   case $phase in
     bench) python3 docs/experiments/gpu_round2.py --out "$out" --deadline "$deadline" "${resume[@]}" \
-             --sections env ceilings flops baseline eager compiled compiled_cl eager_lpnorm layout 2>&1 \
+             --sections env ceilings flops baseline eager compiled compiled_cl b4_capped eager_lpnorm layout 2>&1 \
              | grep -v "^\[20.*WARNING" | tee "$out/bench.log" | tail -n 60
            resume=(--resume-json /tmp/gpu_round2_last.json) ;;
     tests) timeout $(( left > 30 ? left - 10 : 20 )) python3 -m pytest -m gpu tests/test_gpu.py -q -rA \
