@@ -259,6 +259,10 @@ def main(argv=None) -> int:
     table = {name: (fn, need) for name, fn, need in plan}
     for name in args.sections or [n for n, _, _ in plan]:
         fn, need = table[name]
+        done = s.res["sections"].get(name)
+        if isinstance(done, dict) and done and not ({"skipped", "error"} & set(done)):
+            log(f"KEEP {name}: measured in an earlier call of this sitting")
+            continue
         s.run(name, fn, 0 if args.tiny else need)
     md = markdown(s)
     (args.out / "gpu_round2.md").write_text(md)
