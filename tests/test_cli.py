@@ -65,3 +65,21 @@ def test_help_imports_no_library_code():
             "print(sorted(m for m in ('torch', 'numpy', 'monai', 'h5py', 'yaml', 'jsonschema') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_performance_comes_from_the_option_or_the_workflow_variable(monkeypatch):
+    from types import SimpleNamespace
+
+    from brainddpm.commandline import PERFORMANCE_VARIABLE, with_performance
+    from brainddpm.errors import ConfigError
+
+    monkeypatch.delenv(PERFORMANCE_VARIABLE, raising=False)
+    assert with_performance({"seed": 1}, SimpleNamespace(performance_json=None)) == {"seed": 1}
+    monkeypatch.setenv(PERFORMANCE_VARIABLE, '{"compile": false}')
+    assert with_performance({"seed": 1}, SimpleNamespace(performance_json=None))["performance"] == {"compile": False}
+    got = with_performance({}, SimpleNamespace(performance_json='{"channels_last": true}'))
+    assert got["performance"] == {"channels_last": True}  # the option wins over the variable
+    with pytest.raises(ConfigError, match="'performance'"):
+        with_performance({}, SimpleNamespace(performance_json="{compile"))
+    with pytest.raises(ConfigError, match="performance.compile"):
+        with_performance({}, SimpleNamespace(performance_json='{"compile": "sometimes"}'))

@@ -51,6 +51,24 @@ def test_config_error_stops_before_any_job(tmp_path):
     assert "config key 'train.lr'" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("mistake,key", [
+    ({"datasets": [{"name": "site", "root": "no/such/folder"}]}, "config key 'datasets[0] (site).root'"),
+    ({"datasets": [{"name": "site", "glob": "no/such/*.nii.gz"}]}, "config key 'datasets[0] (site).glob'"),
+    ({"launch": {"executor": "slurm", "account": None}}, "config key 'launch.account'"),
+    ({"launch": {"executor": "slurm", "account": "p", "partition": "boost_usr_prod", "qos": "boost_qos_dbg",
+                 "time_min": 1440}}, "config key 'launch.time_min'"),
+], ids=["root", "glob", "account", "qos"])
+def test_site_mistakes_stop_the_dry_run_naming_the_key(tmp_path, mistake, key):
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump(mistake))
+    env_without_account = {k: v for k, v in os.environ.items() if k != "BRAINDDPM_SLURM_ACCOUNT"}
+    proc = subprocess.run([*SNAKEMAKE, "-n", "--configfile", "config/config.yaml", "config/demo.yaml", str(site)],
+                          cwd=ROOT, env=env_without_account, capture_output=True, text=True)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if key in line]
+    assert len(lines) == 1, proc.stdout + proc.stderr  # one line names the key (and says what to do)
+
+
 SMALL = {  # the demo preset, smaller still: the whole DAG in a couple of minutes on 2 cores
     "scheduler": {"num_train_timesteps": 50},
     "train": {"epochs": 6, "micro_batch": 2, "checkpoint_every": 5},

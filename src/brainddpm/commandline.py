@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger("brainddpm")
+PERFORMANCE_VARIABLE = "BRAINDDPM_PERFORMANCE"
 
 
 def config_args(p: argparse.ArgumentParser) -> None:
@@ -33,17 +35,23 @@ def load_args_config(args) -> dict:
 
 
 def performance_args(p: argparse.ArgumentParser) -> None:
-    """Add `--performance-json`: the `performance` section apart from `--config-json` (the workflow passes it
-    as a resource: how fast a job runs is no rerun trigger)."""
+    """Add `--performance-json`: the `performance` section apart from the rest of the config."""
     p.add_argument("--performance-json", metavar="JSON",
-                   help="the `performance` section as JSON (compile, channels-last, bf16 GroupNorm), apart from "
-                        "--config-json; it overrides a `performance` section of --config")
+                   help="the `performance` section as JSON (compile, channels-last, bf16 GroupNorm); default: "
+                        f"${PERFORMANCE_VARIABLE}, which the workflow sets for its jobs (how fast a job runs is no "
+                        "rerun trigger); either overrides a `performance` section of --config")
 
 
 def with_performance(cfg: dict, args) -> dict:
-    """`cfg` with the `--performance-json` section in place, validated."""
-    if not getattr(args, "performance_json", None):
+    """`cfg` with the `--performance-json` (or $BRAINDDPM_PERFORMANCE) section in place, validated."""
+    text = getattr(args, "performance_json", None) or os.environ.get(PERFORMANCE_VARIABLE)
+    if not text:
         return cfg
     from brainddpm.config import validate_config
+    from brainddpm.errors import ConfigError
 
-    return validate_config({**cfg, "performance": json.loads(args.performance_json)}, partial=True)
+    try:
+        section = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config key 'performance': not JSON ({exc}): {text!r}") from None
+    return validate_config({**cfg, "performance": section}, partial=True)

@@ -4,7 +4,7 @@ from helpers import base_config, bids_dataset, brain_volume, write_nifti
 
 from brainddpm.data.manifest import build_manifest, ids_from_path, read_tsv, shard_rows, split_subjects
 from brainddpm.data.prepare import run_manifest
-from brainddpm.errors import BadInputError
+from brainddpm.errors import BadInputError, ConfigError
 
 
 def test_ids_from_bids_names():
@@ -43,12 +43,7 @@ def test_every_bad_input_is_listed_and_the_run_goes_on(tmp_path):
     globbed = tmp_path / "g"
     globbed.mkdir()
     (globbed / "readme.txt").write_text("not an image")
-    (tmp_path / "bad.tsv").write_bytes(b"\xff\xfe\x00garbage")
-    datasets = [
-        {"name": "a", "root": str(root), "participants": str(tmp_path / "bad.tsv")},
-        {"name": "g", "glob": str(globbed / "*")},
-        {"name": "gone", "root": str(tmp_path / "missing")},
-    ]
+    datasets = [{"name": "a", "root": str(root)}, {"name": "g", "glob": str(globbed / "*")}]
     rows, excluded = build_manifest(datasets, jobs=2)
     assert sorted(r["path"] for r in rows) == sorted(map(str, good))
     reasons = {e["path"]: e["reason"] for e in excluded}
@@ -59,8 +54,53 @@ def test_every_bad_input_is_listed_and_the_run_goes_on(tmp_path):
     assert "2D" in reasons[str(anat("flat"))]
     assert "duplicate subject/session" in reasons[str(dup)]
     assert "not a NIfTI" in reasons[str(globbed / "readme.txt")]
-    assert "participants table" in reasons[str(tmp_path / "bad.tsv")]
-    assert "does not exist" in reasons[str(tmp_path / "missing")]
+
+
+def test_a_dataset_that_is_not_there_is_an_error_not_an_exclusion(tmp_path):
+    bids_dataset(tmp_path / "a", 2)
+    with pytest.raises(ConfigError, match=r"'datasets\[1\] \(gone\).root': .*missing does not exist"):
+        build_manifest([{"name": "a", "root": str(tmp_path / "a")}, {"name": "gone", "root": str(tmp_path / "missing")}])
+    with pytest.raises(ConfigError, match=r"'datasets\[0\] \(g\).glob', .*nothing\*.nii: no file matches"):
+        build_manifest([{"name": "g", "glob": str(tmp_path / "nothing*.nii")}])
+    (tmp_path / "bad.tsv").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(BadInputError, match="bad.tsv: cannot read participants table"):
+        build_manifest([{"name": "a", "root": str(tmp_path / "a"), "participants": str(tmp_path / "bad.tsv")}])
+
+
+def test_a_dataset_without_one_usable_image_stops_the_run_with_the_reasons(tmp_path):
+    bids_dataset(tmp_path / "a", 2)
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "readme.txt").write_text("not an image")
+    cfg = base_config(datasets=[{"name": "a", "root": str(tmp_path / "a")},
+                                {"name": "g", "glob": str(tmp_path / "g" / "*")}])
+    with pytest.raises(BadInputError, match=r"dataset g has no usable image.*\n.*readme.txt: not a NIfTI"):
+        run_manifest(cfg, tmp_path / "m.tsv", tmp_path / "x.tsv")
+    assert not (tmp_path / "m.tsv").exists()
+
+
+def test_a_spreadsheet_export_reads_as_the_same_table(tmp_path):
+    bids_dataset(tmp_path / "a", 2)
+    plain = "participant_id\tage\tsex\nsub-00\t40\tF\nsub-01\t50\tM\n"
+    (tmp_path / "plain.tsv").write_text(plain)
+    (tmp_path / "excel.tsv").write_bytes(b"\xef\xbb\xbf" + plain.replace("\n", "\r\n").encode())
+    rows = {}
+    for name in ("plain", "excel"):
+        rows[name], _ = build_manifest([{"name": "a", "root": str(tmp_path / "a"),
+                                         "participants": str(tmp_path / f"{name}.tsv")}])
+    assert [(r["age"], r["sex"]) for r in rows["excel"]] == [(r["age"], r["sex"]) for r in rows["plain"]] \
+        == [("40", "F"), ("50", "M")]
+
+
+def test_conflicting_rows_for_one_subject_are_refused(tmp_path):
+    bids_dataset(tmp_path / "a", 2)
+    table = tmp_path / "p.tsv"
+    table.write_text("participant_id\tage\tsex\tnote\nsub-00\t40\tF\tx\nsub-00\t40\tF\ty\n")
+    rows, _ = build_manifest([{"name": "a", "root": str(tmp_path / "a"), "participants": str(table)}])
+    assert rows[0]["age"] == "40"  # rows that agree on the covariates are fine
+    table.write_text("participant_id\tage\tsex\nsub-00\t40\tF\nsub-01\t50\tM\nsub-00\t44\tF\n")
+    with pytest.raises(BadInputError, match=r"p.tsv: two rows for sub-00 disagree \(age '40' and '44'; the second "
+                                            r"at line 4\)"):
+        build_manifest([{"name": "a", "root": str(tmp_path / "a"), "participants": str(table)}])
 
 
 def test_on_bad_input_fail_stops_with_the_same_message(tmp_path):

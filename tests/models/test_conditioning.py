@@ -121,6 +121,27 @@ def test_manifest_carries_covariates_and_lists_volumes_it_cannot_use(tmp_path):
     assert len(rows) == 4 and not excluded and "diagnosis" not in rows[0]
 
 
+def test_a_covariate_that_is_no_column_fails_in_the_manifest_job(tmp_path, caplog):
+    bids_dataset(tmp_path / "a", subjects=2)
+    bids_dataset(tmp_path / "b", subjects=2, seed=1)
+    (tmp_path / "a.tsv").write_text("participant_id\tage\tsex\nsub-00\t61\tF\nsub-01\t70\tM\n")
+    (tmp_path / "b.tsv").write_text("participant_id\tsex\nsub-00\tF\nsub-01\tM\n")
+    ds = [{"name": "a", "root": str(tmp_path / "a"), "participants": str(tmp_path / "a.tsv")},
+          {"name": "b", "root": str(tmp_path / "b"), "participants": str(tmp_path / "b.tsv")}]
+    diagnosis = {**COND, "covariates": [{"name": "diagnosis", "type": "categorical"}]}
+    with pytest.raises(ConfigError, match=r"'condition.covariates': 'diagnosis' is not a column of any participants "
+                                          r"table \(a: .*a.tsv has participant_id, age, sex; b: .*b.tsv has"):
+        build_manifest(ds, condition=diagnosis)
+    with pytest.raises(ConfigError, match=r"'condition.missing': exclude, and 'age' is not a column for b"):
+        build_manifest(ds, condition={**COND, "missing": "exclude"})
+    with caplog.at_level("WARNING"):
+        rows, _ = build_manifest(ds, condition=COND)  # missing: drop: allowed, and said
+    assert len(rows) == 4 and "covariate 'age' is not a column for dataset(s) b" in caplog.text
+    no_tables = [{"name": "a", "root": str(tmp_path / "a")}]
+    with pytest.raises(ConfigError, match="'age' is not a column of any participants table \\(a: no table\\)"):
+        build_manifest(no_tables, condition=COND)
+
+
 def _conditional_shards(split_dir, n: int = 8):
     from helpers import SHAPE
 

@@ -1,14 +1,28 @@
 # Config validation, paths and targets. Logic lives in src/brainddpm.
 import os
 
+import sys
+
 from brainddpm.config import is_conditioned
 from brainddpm.config import dumps, validate_config
 from brainddpm.errors import ConfigError
+from brainddpm.startup import check_datasets, check_launch_site, resolve_account, train_submission
 
-try:
+try:  # before any job, `-n` included: the schema, then the site (paths, SLURM account, QOS)
     validate_config(config)
+    config["launch"] = resolve_account(config["launch"])  # launch.account, else $BRAINDDPM_SLURM_ACCOUNT
+    check_datasets(config)
+    check_launch_site(config["launch"])
 except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}")
+if config["launch"]["executor"] == "slurm":
+    print(train_submission(config["launch"]), file=sys.stderr)
+
+# How fast the jobs run (compile, channels-last, bf16 GroupNorm), never what they compute: `brainddpm train`
+# and `brainddpm sample` read it from this variable, which every job inherits (a SLURM job's Snakemake
+# sets it again). Not a param and not in the shell commands, so changing it reruns nothing: params and
+# the commands' text are both rerun triggers.
+os.environ.update(BRAINDDPM_PERFORMANCE=dumps(config.get("performance") or {}))  # set here, read by jobs
 
 R = config["results"]
 RUN = config["run"]

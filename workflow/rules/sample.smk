@@ -38,7 +38,6 @@ rule sample_part:
         part=lambda wc: int(wc.part),
     resources:
         gpu_jobs=1,  # not `gpu`: the SLURM plugin would turn that into --gpus (profiles set gres)
-        performance=dumps(config.get("performance") or {}),  # how fast, never what: not a rerun trigger
     benchmark:
         f"{R}/benchmarks/sample/{RUN}-{{sampler}}-{{part}}.tsv"
     log:
@@ -47,8 +46,7 @@ rule sample_part:
         "../envs/brainddpm.yaml"
     shell:
         "brainddpm sample --config-json {params.cfg:q} --checkpoint {input.model} --sampler {wildcards.sampler} "
-        "--part {params.part} --out {output.part} --nifti-dir {output.nifti} --sheet {output.sheet} "
-        "--performance-json {resources.performance:q}"
+        "--part {params.part} --out {output.part} --nifti-dir {output.nifti} --sheet {output.sheet}"
         + (" --plan {input.plan}" if CONDITIONED else "")
         + " 2> {log}"
 

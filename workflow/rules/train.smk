@@ -26,8 +26,6 @@ rule train:
         # Where and how the job runs (nodes, qos, time, requeues, setup lines): like any resource it is
         # not a rerun trigger, so a finished model is not retrained after such a change (params are).
         launch=dumps(config["launch"]),
-        # How fast (compile, channels-last, bf16 GroupNorm), never what: not a rerun trigger either.
-        performance=dumps(config.get("performance") or {}),
     benchmark:
         f"{R}/benchmarks/train/{RUN}.tsv"
     log:
@@ -36,5 +34,4 @@ rule train:
         "../envs/brainddpm.yaml"
     shell:
         "brainddpm train --config-json {params.cfg:q} --launch-json {resources.launch:q} "
-        "--performance-json {resources.performance:q} "
         "--shards {params.shards} --out {params.out} 2> {log}"

@@ -22,7 +22,7 @@ import numpy as np
 from brainddpm.config import covariate_names
 from brainddpm.data.covariates import read_covariates
 from brainddpm.data.nifti import header_info, load_checked
-from brainddpm.errors import BadInputError
+from brainddpm.errors import BadInputError, ConfigError
 from brainddpm.fileio import atomic_path, sha256_file
 
 MANIFEST_COLUMNS = ["subject", "session", "dataset", "path", "shape", "spacing", "orientation", "sha256", "age", "sex"]
@@ -44,7 +44,9 @@ def write_tsv(rows: list[dict], columns: list[str], path) -> None:
 
 
 def read_tsv(path) -> list[dict]:
-    with open(path, newline="") as fh:
+    """Rows of a tab-separated table; a UTF-8 byte-order mark and CRLF line ends (spreadsheet exports) read
+    as the same table."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         return list(csv.DictReader(fh, delimiter="\t"))
 
 
@@ -63,30 +65,34 @@ def ids_from_path(path: str) -> tuple[str, str]:
             f"ses-{ses.group(1)}" if ses else "ses-01")
 
 
-def discover(dataset: dict) -> tuple[list[str], list[dict]]:
-    """Candidate image paths of one dataset, and exclusions for what cannot even be listed."""
-    name = dataset["name"]
+def discover(dataset: dict, index: int = 0) -> list[str]:
+    """Image paths of one dataset; a ConfigError naming the key when its root or glob gives no file."""
+    name, key = dataset["name"], f"datasets[{index}] ({dataset['name']})"
     if "root" in dataset:
         root = Path(dataset["root"])
         if not root.is_dir():
-            return [], [{"path": str(root), "dataset": name, "reason": "dataset root does not exist"}]
+            raise ConfigError(f"config key '{key}.root': {root} does not exist")
         paths = sorted(glob.glob(str(root / "sub-*" / "**" / "anat" / "*_T1w.nii*"), recursive=True))
-        where = f"{root}/sub-*/[ses-*/]anat/*_T1w.nii[.gz]"
+        where = f"{key}.root', no {root}/sub-*/[ses-*/]anat/*_T1w.nii[.gz]"
     else:
         paths = sorted(glob.glob(dataset["glob"], recursive=True))
-        where = dataset["glob"]
+        where = f"{key}.glob', {dataset['glob']}"
     paths = [p for p in paths if Path(p).is_file() or not Path(p).exists()]
     if not paths:
-        return [], [{"path": where, "dataset": name, "reason": "no file matches"}]
+        raise ConfigError(f"config key '{where}: no file matches")
     anonymous = sum(1 for p in paths if not _SUB.search(p))
     if anonymous:
         log.warning("dataset %s: %d files have no sub-<label> in their path; each is taken as its own subject, "
                     "so sessions of one person could land in both splits (use BIDS names)", name, anonymous)
-    return paths, []
+    return paths
 
 
-def read_participants(path) -> dict[tuple[str, str], dict]:
-    """(subject, session or '') -> row of a participants table; raises BadInputError if unreadable."""
+def read_participants(path, columns: tuple[str, ...] = ("age", "sex")) -> tuple[dict[tuple[str, str], dict], list[str]]:
+    """(subject, session or '') -> row of a participants table, and the table's columns.
+
+    BadInputError when the table cannot be read, or when two rows of one subject/session disagree on one of
+    `columns` (the covariates the run uses): which one is right is the user's call, not the last row's.
+    """
     try:
         rows = read_tsv(path)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -96,11 +102,18 @@ def read_participants(path) -> dict[tuple[str, str], dict]:
     col = next((c for c in ("participant_id", "subject") if c in rows[0]), None)
     if col is None:
         raise BadInputError(path, f"participants table has no participant_id or subject column (has {list(rows[0])})")
-    out = {}
-    for r in rows:
+    out: dict[tuple[str, str], dict] = {}
+    for line, r in enumerate(rows, start=2):
         sub = r[col] if str(r[col]).startswith("sub-") else f"sub-{r[col]}"
-        out[(sub, r.get("session_id") or "")] = r
-    return out
+        key = (sub, r.get("session_id") or "")
+        if key in out:
+            differ = [c for c in columns if c in r and (out[key].get(c) or "") != (r.get(c) or "")]
+            if differ:
+                both = "; ".join(f"{c} {out[key].get(c)!r} and {r.get(c)!r}" for c in differ)
+                raise BadInputError(path, f"two rows for {sub}{' ' + key[1] if key[1] else ''} disagree ({both}; "
+                                    f"the second at line {line}): keep one")
+        out[key] = r
+    return out, list(rows[0])
 
 
 def inspect_image(path: str) -> dict:
@@ -140,6 +153,30 @@ def _covariate_problem(condition: dict | None, cand: dict) -> str | None:
     return None
 
 
+def check_covariate_columns(condition: dict | None, columns: dict[str, tuple[str | None, list[str]]]) -> None:
+    """Each requested covariate is a column of the participants tables (`columns`: dataset -> (table, its
+    columns)); `dataset` is always there. Missing from every table: a ConfigError naming the covariate and
+    what each table has. Missing from some: under `condition.missing: exclude` a ConfigError naming those
+    datasets (each of their volumes would be excluded), under `drop` a warning naming them."""
+    for name in covariate_names(condition):
+        if name == "dataset":
+            continue
+        lacking = {ds: (table, cols) for ds, (table, cols) in columns.items() if name not in cols}
+        if not lacking:
+            continue
+        has = "; ".join(f"{ds}: {table} has {', '.join(cols) or 'no columns'}" if table else f"{ds}: no table"
+                        for ds, (table, cols) in lacking.items())
+        if len(lacking) == len(columns):
+            raise ConfigError(f"config key 'condition.covariates': {name!r} is not a column of any participants "
+                              f"table ({has})")
+        if condition["missing"] == "exclude":
+            raise ConfigError(f"config key 'condition.missing': exclude, and {name!r} is not a column for "
+                              f"{', '.join(lacking)} ({has}): every volume of those datasets would be excluded; "
+                              "add the column, or use missing: drop")
+        log.warning("covariate %r is not a column for dataset(s) %s (%s): their volumes train without it "
+                    "(condition.missing: drop)", name, ", ".join(lacking), has)
+
+
 def build_manifest(datasets: list[dict], jobs: int = 1, progress: bool = False,
                    condition: dict | None = None) -> tuple[list[dict], list[dict]]:
     """Rows of usable images and rows of excluded inputs (path, dataset, reason).
@@ -151,17 +188,15 @@ def build_manifest(datasets: list[dict], jobs: int = 1, progress: bool = False,
     from tqdm import tqdm
 
     names = covariate_names(condition)
-
-    candidates, excluded = [], []
-    for ds in datasets:
-        paths, bad = discover(ds)
-        excluded += bad
-        info = {}
+    wanted = tuple(dict.fromkeys(["age", "sex", *names]))
+    candidates, excluded, columns = [], [], {}
+    for i, ds in enumerate(datasets):
+        paths = discover(ds, i)
+        info: dict = {}
+        columns[ds["name"]] = (ds.get("participants"), [])
         if ds.get("participants"):
-            try:
-                info = read_participants(ds["participants"])
-            except BadInputError as exc:
-                excluded.append({"path": exc.path, "dataset": ds["name"], "reason": exc.reason})
+            info, cols = read_participants(ds["participants"], wanted)
+            columns[ds["name"]] = (ds["participants"], cols)
         for p in paths:
             sub, ses = ids_from_path(p)
             extra = info.get((sub, ses)) or info.get((sub, "")) or {}
@@ -170,6 +205,7 @@ def build_manifest(datasets: list[dict], jobs: int = 1, progress: bool = False,
             for name in names:  # 'dataset' is the dataset's name, as in the split's stratification
                 cand.setdefault(name, extra.get(name))
             candidates.append(cand)
+    check_covariate_columns(condition, columns)
     with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _Serial() as pool:
         results = list(tqdm(pool.map(_inspect_or_reason, [c["path"] for c in candidates]),
                             total=len(candidates), desc="checking images", unit="img", disable=not progress))

@@ -41,8 +41,14 @@ def run_manifest(cfg: dict, manifest_path: Path, excluded_path: Path, jobs: int 
     for e in excluded:
         log.warning("excluded %s: %s", e["path"], e["reason"])
     _fail_on(excluded, cfg["data"])
-    if not rows:
-        raise BadInputError(", ".join(d["name"] for d in cfg["datasets"]), "no usable image in any dataset")
+    for ds in cfg["datasets"]:  # a site that is there but gives nothing is a mistake, not a smaller cohort
+        if not any(r["dataset"] == ds["name"] for r in rows):
+            reasons = "\n".join(f"  {e['path']}: {e['reason']}" for e in excluded if e["dataset"] == ds["name"])
+            raise BadInputError(ds.get("root") or ds.get("glob"), f"dataset {ds['name']} has no usable image; "
+                                f"every one was excluded:\n{reasons}")
+    for name in covariate_names(cfg.get("condition")):
+        have = sum(1 for r in rows if r.get(name) not in (None, "", "n/a"))
+        log.info("covariate %s: %d of %d images have a value", name, have, len(rows))
     write_tsv(excluded, EXCLUDED_COLUMNS, excluded_path)
     write_tsv(rows, manifest_columns(cfg.get("condition")), manifest_path)
     log.info("manifest: %d images of %d subjects, %d excluded", len(rows),

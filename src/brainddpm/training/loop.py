@@ -215,6 +215,9 @@ def condition_dataset(cfg: dict, dataset: ShardDataset, split: Path) -> Covariat
     dataset.conditions = encoding.vectors(covariates)
     log.info("conditioning on %s (vector of %d, drop probability %.2f)", ", ".join(encoding.names), encoding.dim,
              cfg["condition"]["drop_prob"])
+    for name in encoding.names:
+        have = sum(1 for c in covariates if c.get(name) is not None)
+        log.info("covariate %s: %d of %d training volumes have a value", name, have, len(covariates))
     return encoding
 
 
