@@ -167,6 +167,16 @@ def test_html_report(demo_run):
               str(tmp / "overrides.yaml"))
     text = html.read_text(errors="replace")
     assert html.stat().st_size > 50_000 and "metrics.md" in text
+    # the whole report.md travels as report.html (base64 inside Snakemake's page): the verdict, the FID
+    # note, the memorization count, the NIfTI grid
+    import base64
+
+    found = re.search(r"filename=report\.html;base64,([A-Za-z0-9+/=]+)", text)
+    assert found, "report.html is not in the Snakemake report"
+    page = base64.b64decode(found.group(1)).decode()
+    for words in ("Verdict", "real-halves floor", "FID was not computed", "Flagged synthetic volumes",
+                  "The synthetic NIfTI files", "<table>", "data:image/png;base64,"):
+        assert words in page, words
 
 
 @pytest.mark.slow

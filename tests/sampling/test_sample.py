@@ -55,3 +55,18 @@ def test_nifti_outputs_carry_the_target_affine(checkpoint, tmp_path):
         assert f.attrs["sampler"] == "ddim" and f.attrs["steps"] == 5
         np.testing.assert_allclose(f["affine"][()], target_affine(cfg["data"]))
     assert (tmp_path / "j2" / "s.png").stat().st_size > 1000
+
+
+def test_a_synthetic_volume_is_copied_onto_the_mni_grid(checkpoint, tmp_path):
+    from brainddpm.sampling.sample import resample_to_grid
+
+    cfg, ckpt = checkpoint
+    sample_jobs(cfg, ckpt, tmp_path, 1)
+    src = sorted((tmp_path / "j1" / "nifti-000").glob("*.nii.gz"))[0]
+    grid = cfg["data"]["grid"]
+    out = resample_to_grid(src, grid, tmp_path / "mni")
+    img, orig = nib.load(out), nib.load(src)
+    assert img.shape == tuple(grid["shape"]) and np.allclose(img.header.get_zooms(), grid["spacing"])
+    assert np.allclose(img.affine[:3, 3], grid["origin"]) and int(img.header["sform_code"]) == 4
+    data, small = np.asarray(img.dataobj), np.asarray(orig.dataobj)
+    assert 0 <= data.min() and data.max() <= 1 and abs(data.mean() - small.mean()) < 0.05 * max(small.mean(), 1e-3)

@@ -137,3 +137,29 @@ def test_every_engine_honours_the_precision(backend, precision):
             assert engine.accelerator.mixed_precision == ("bf16" if precision == "bf16" else "no")
         engine.close()
     assert dict(os.environ) == before  # nothing leaks (Accelerate exports LOCAL_WORLD_SIZE and others)
+
+
+def test_progress_is_shown_while_waiting(shards, tmp_path):
+    """The run writes progress.json; the watcher of `brainddpm train` turns it into one line, in place on a
+    terminal, as a log line elsewhere."""
+    import io
+
+    from brainddpm.training.progress import PROGRESS, ProgressWatcher, format_duration
+
+    train(tiny_config(max_steps=4), shards, tmp_path)
+    state = json.loads((tmp_path / "checkpoints" / PROGRESS).read_text())
+    assert state["step"] == state["total_steps"] == 4 and state["samples_per_s"] > 0 and state["eta_s"] == 0
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    watcher = ProgressWatcher(tmp_path / "checkpoints" / PROGRESS, stream=screen)
+    line = watcher.poll()
+    assert line.startswith("training: step 4/4 (epoch ") and "samples/s per process, ETA 0 s" in line
+    assert watcher.poll() is None  # nothing new
+    watcher.close()
+    assert screen.getvalue() == "\r" + line.ljust(100) + "\n"
+    assert ProgressWatcher(tmp_path / "missing.json").poll() is None
+    assert [format_duration(s) for s in (None, 12.4, 425, 12000)] == ["?", "12 s", "7 min 5 s", "3 h 20 min"]

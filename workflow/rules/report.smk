@@ -13,6 +13,7 @@ rule report:
         conditioning=conditioning_targets(),
     output:
         md=f"{R}/report/report.md",
+        html=report(f"{R}/report/report.html", caption="../report/summary.rst", category="Summary"),
         table=report(f"{R}/report/metrics.md", caption="../report/metrics.rst", category="Metrics"),
         csv=f"{R}/report/metrics.csv",
         json=f"{R}/report/metrics.json",

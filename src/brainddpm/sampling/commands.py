@@ -1,4 +1,4 @@
-"""The sampling stage's subcommands: sample and condition-plan (the rules of sample.smk)."""
+"""The sampling stage's subcommands: sample and condition-plan (the rules of sample.smk), and to-mni."""
 
 from __future__ import annotations
 
@@ -33,6 +33,16 @@ def cmd_condition_plan(args) -> None:
     run_condition_plan(plan_cfg, args.checkpoint, args.real, args.out)
 
 
+def cmd_to_mni(args) -> None:
+    from brainddpm.config import load_config
+    from brainddpm.sampling.sample import resample_to_grid
+
+    grid = load_config(args.config)["data"]["grid"]
+    for path in args.files:
+        out = resample_to_grid(path, grid, args.out)
+        print(out)
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("sample", help="generate synthetic volumes (one sampling job)",
                        description="Rebuild the model from the final checkpoint alone and sample the volumes of "
@@ -64,3 +74,14 @@ def add_commands(sub) -> None:
     p.add_argument("--real", type=Path, required=True, help="validation split folder (match_validation)")
     p.add_argument("--out", type=Path, required=True, help="output conditions.json")
     p.set_defaults(func=cmd_condition_plan)
+
+    p = sub.add_parser("to-mni", help="copy synthetic NIfTI onto the 1 mm MNI grid (for tools that expect it)",
+                       description="Resample synthetic volumes (written at the model's shape, e.g. 2.15x1.70x2.15 "
+                                   "mm voxels at 84x128x84) onto data.grid, the MNI 1 mm grid the inputs were "
+                                   "resampled to, trilinearly; writes <name>_mni1mm.nii.gz into --out. The "
+                                   "originals stay as they are.")
+    p.add_argument("--config", nargs="+", type=Path, metavar="YAML", required=True,
+                   help="the run's config files (data.grid)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("files", type=Path, nargs="+", metavar="NIFTI", help="synthetic NIfTI files")
+    p.set_defaults(func=cmd_to_mni)

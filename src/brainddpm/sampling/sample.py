@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainddpm.data.nifti import save_volume
+from brainddpm.data.nifti import grid_affine, save_volume
 from brainddpm.data.shards import write_shard
 from brainddpm.device import Performance, pick_device, resolve_performance
 from brainddpm.errors import BadInputError, BrainDDPMError, ConfigError
@@ -202,3 +202,20 @@ def contact_sheet(vols: np.ndarray, names: list[str], png: Path) -> None:
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)
+
+
+def resample_to_grid(path: Path, grid: dict, out_dir: Path) -> Path:
+    """A copy of a synthetic NIfTI on `grid` (data.grid: the MNI 1 mm grid), trilinear; returns its path.
+
+    Synthetic volumes are written at the model's shape over the MNI grid's field of view; some tools want
+    the 1 mm grid itself. nibabel's resample_from_to does the interpolation (scipy, order 1)."""
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    img = nib.load(str(path))
+    target = (tuple(grid["shape"]), grid_affine(grid["shape"], grid["spacing"], grid["origin"]))
+    moved = resample_from_to(img, target, order=1, mode="nearest")  # the outer half voxel: its edge value
+    name = Path(path).name.split(".nii")[0] + "_mni1mm.nii.gz"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_volume(np.clip(np.asarray(moved.dataobj, dtype=np.float32), 0.0, 1.0), target[1], Path(out_dir) / name)
+    return Path(out_dir) / name

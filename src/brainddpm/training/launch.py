@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import submitit
 import torch
@@ -38,6 +39,7 @@ from brainddpm.errors import BadInputError, BrainDDPMError, ConfigError
 from brainddpm.fileio import atomic_path
 from brainddpm.training.checkpoint import read_requeues, write_requeues
 from brainddpm.training.loop import train
+from brainddpm.training.progress import PROGRESS, ProgressWatcher
 
 log = logging.getLogger(__name__)
 
@@ -219,17 +221,20 @@ def submit_or_attach(cfg: dict, shards_dir: Path, out_dir: Path) -> submitit.Job
         return job
 
 
-def _wait_slurm_job(job: submitit.SlurmJob, squeue_every_s: float, grace_s: float) -> None:
+def _wait_slurm_job(job: submitit.SlurmJob, squeue_every_s: float, grace_s: float,
+                    tick: Callable[[], object] = lambda: None) -> None:
     """Return once every task of `job` has left its result file, or once SLURM has ended the job.
 
     submitit learns that a job has ended from `sacct`. Where sacct does not answer (clusters without
     accounting storage, the test cluster), a job that died without writing its result files (killed,
     cancelled, out of memory, node lost) stays "UNKNOWN" and `job.results()` waits forever. So this also
     asks squeue every `squeue_every_s`: once SLURM no longer runs or queues the job, the result files get
-    `grace_s` to appear (shared file systems lag); then the caller's `job.results()` fails.
+    `grace_s` to appear (shared file systems lag); then the caller's `job.results()` fails. `tick` runs
+    every second (the progress line).
     """
     ended_at, asked_at = None, 0.0
     while not job.done():
+        tick()
         if time.monotonic() - asked_at >= squeue_every_s:
             asked_at = time.monotonic()
             try:
@@ -249,19 +254,31 @@ def _wait_slurm_job(job: submitit.SlurmJob, squeue_every_s: float, grace_s: floa
         time.sleep(1.0)
 
 
-def wait_training(job: submitit.Job, squeue_every_s: float = 30.0, grace_s: float = 120.0) -> dict:
+def wait_training(job: submitit.Job, squeue_every_s: float = 30.0, grace_s: float = 120.0,
+                  out_dir: Path | None = None) -> dict:
     """Wait for the job; train.json's content from rank 0, or an error that names the job's logs.
 
     A SLURM job is also watched through squeue (`_wait_slurm_job`), so a job that ends without results
-    fails the wait instead of hanging it where sacct does not answer.
+    fails the wait instead of hanging it where sacct does not answer. With `out_dir`, the run's progress
+    (step, loss, samples/s, ETA) is shown while waiting: one line on a terminal, else a log line a minute.
     """
+    watcher = ProgressWatcher(Path(out_dir) / "checkpoints" / PROGRESS) if out_dir else None
+    tick = watcher.poll if watcher else (lambda: None)
     try:
         if isinstance(job, submitit.SlurmJob):
-            _wait_slurm_job(job, squeue_every_s, grace_s)
+            _wait_slurm_job(job, squeue_every_s, grace_s, tick)
+        else:
+            while not job.done():
+                tick()
+                time.sleep(1.0)
+        tick()
         return job.results()[0]
     except (UncompletedJobError, BrainDDPMError, RuntimeError) as exc:
         raise BrainDDPMError(f"training job {job.job_id} failed: {str(exc).strip()[-2000:]}\n"
                              f"logs:\n{_log_paths(job)}") from None
+    finally:
+        if watcher:
+            watcher.close()
 
 
 def run_training(cfg: dict, shards_dir: Path, out_dir: Path) -> dict:
@@ -269,4 +286,4 @@ def run_training(cfg: dict, shards_dir: Path, out_dir: Path) -> dict:
     if cfg["launch"]["executor"] == "inprocess":
         check_launch(cfg, shards_dir)
         return train(cfg, Path(shards_dir), Path(out_dir))
-    return wait_training(submit_or_attach(cfg, shards_dir, out_dir))
+    return wait_training(submit_or_attach(cfg, shards_dir, out_dir), out_dir=out_dir)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import collections
 import csv
+import json
 import logging
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from brainddpm.fileio import atomic_path
 
 log = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"  # next to checkpoints/loss.csv: the run's last step, for whoever waits on it
 
 
 def plot_loss(csv_path: Path, png_path: Path) -> None:
@@ -89,7 +93,9 @@ class StepLog:
     """The run as it goes, step by step: timing on every rank; on rank 0 (`write`) also a row of the loss log
     per step and a progress line with the loss, samples/s and the ETA: a tqdm bar on a terminal, else a log
     line every `log_every` steps (what `tail -f` on the rule's or the SLURM job's log shows), and a summary
-    line per epoch. The first step of a job (warm-up, compilation) is not timed."""
+    line per epoch; and every few seconds `progress.json` beside the loss log, which `brainddpm train`
+    shows while it waits for the job (`ProgressWatcher`). The first step of a job (warm-up, compilation) is
+    not timed."""
 
     def __init__(self, csv_path: Path, total_steps: int, start_step: int, steps_per_epoch: int,
                  samples_per_step: int, lr: float, log_every: int, write: bool) -> None:
@@ -99,6 +105,7 @@ class StepLog:
         self.timed_steps, self.timed_s, self.first_step = 0, 0.0, True
         self.epoch_losses: list[float] = []
         self.epoch_s = 0.0
+        self.reported_at = 0.0
         self.bar = None
         if write and sys.stderr.isatty():
             from tqdm import tqdm
@@ -130,6 +137,12 @@ class StepLog:
         rate = self.samples_per_step / seconds
         with open(self.csv_path, "a", newline="") as f:
             csv.writer(f).writerow([step, epoch, f"{loss:.6g}", self.lr, f"{rate:.4g}"])
+        if time.monotonic() - self.reported_at >= 5.0 or step == self.total_steps:
+            self.reported_at = time.monotonic()
+            state = {"step": step, "total_steps": self.total_steps, "epoch": epoch, "loss": loss,
+                     "samples_per_s": self.samples_per_s or rate, "eta_s": self.eta_s(step), "time": time.time()}
+            with atomic_path(self.csv_path.parent / PROGRESS) as tmp:
+                tmp.write_text(json.dumps(state))
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4g}", samples_s=f"{rate:.3g}")
@@ -153,3 +166,44 @@ class StepLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class ProgressWatcher:
+    """What `brainddpm train` shows while it waits for the training job: the job's `progress.json` (step,
+    loss, samples/s, ETA) as one line rewritten in place on a terminal, else as a log line every
+    `every_s` seconds (the train rule's log). Reads only; a missing or half-written file shows nothing."""
+
+    def __init__(self, path: Path, every_s: float = 60.0, stream=None) -> None:
+        self.path, self.every_s = Path(path), every_s
+        self.stream = stream if stream is not None else sys.stdout
+        self.terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.seen: float | None = None
+        self.logged_at = 0.0
+
+    def line(self, state: dict) -> str:
+        return (f"training: step {state['step']}/{state['total_steps']} (epoch {state['epoch']}), loss "
+                f"{state['loss']:.4g}, {state['samples_per_s']:.3g} samples/s per process, "
+                f"ETA {format_duration(state.get('eta_s'))}")
+
+    def poll(self) -> str | None:
+        """Show the newest state if it changed; returns the line shown (None when nothing new)."""
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if state.get("time") == self.seen:
+            return None
+        self.seen = state.get("time")
+        text = self.line(state)
+        if self.terminal:
+            self.stream.write("\r" + text.ljust(100))
+            self.stream.flush()
+        elif time.monotonic() - self.logged_at >= self.every_s or state["step"] == state["total_steps"]:
+            self.logged_at = time.monotonic()
+            log.info("%s", text)
+        return text
+
+    def close(self) -> None:
+        if self.terminal and self.seen is not None:
+            self.stream.write("\n")
+            self.stream.flush()
