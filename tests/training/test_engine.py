@@ -61,16 +61,14 @@ def test_channels_last_trains_the_same_model(backend):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def test_a_compilation_failure_falls_back_to_eager(monkeypatch, caplog):
+def test_a_compilation_failure_falls_back_to_eager(caplog):
     import torch._dynamo
-
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)  # the engine sets it; restored after
 
     def broken_backend(graph, example_inputs):
         raise RuntimeError("this backend cannot compile anything")
 
     eager, _ = _losses(EAGER, steps=2)
-    with caplog.at_level(logging.INFO):
+    with torch._dynamo.config.patch(suppress_errors=False), caplog.at_level(logging.INFO):  # the engine sets it
         compiled, _ = _losses(Performance(compile=True, compile_backend=broken_backend), steps=2)
     torch._dynamo.reset()
     assert compiled == pytest.approx(eager, rel=1e-6)
