@@ -136,12 +136,13 @@ def _planned_jobs(proc) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_launch_and_the_other_samplers_keys_rerun_nothing_of_theirs(demo_run):
-    """Where the training job runs is not a rerun trigger (no retraining after a qos or node change),
-    and a key of one sampler reruns that sampler's parts only (not hours of the other's)."""
+    """Where the training job runs and how fast (launch, performance) are no rerun triggers (no retraining
+    after a qos, node or compile change), and a key of one sampler reruns that sampler's parts only."""
     tmp, _ = demo_run
     over = yaml.safe_load((tmp / "overrides.yaml").read_text())
     over["launch"] = {"executor": "local", "qos": "other", "max_requeues": 3, "time_min": 60, "setup": ["true"],
                       "collective_timeout_s": 60}
+    over["performance"] = {"compile": False, "channels_last": True, "low_precision_norm": True}  # how fast only
     moved = tmp / "moved.yaml"
     moved.write_text(yaml.safe_dump(over))
     assert _planned_jobs(run_demo(tmp, extra=moved, dry=True)) == {}

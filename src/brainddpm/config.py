@@ -97,6 +97,8 @@ def _check_consistency(cfg: dict) -> None:
         _check_condition(cfg["condition"], cfg.get("sample"))
     if {"train", "launch"} <= set(cfg):
         _check_launch(cfg["train"], cfg["launch"])
+    if {"train", "performance"} <= set(cfg):
+        check_channels_last(cfg["train"], cfg["performance"].get("channels_last") is True)
     if "evaluate" in cfg and cfg["evaluate"]["jobs"] > cfg["evaluate"]["bootstrap"]:
         raise ConfigError("config key 'evaluate.jobs': more jobs than bootstrap resamples")
     names = [d["name"] for d in cfg.get("datasets", [])]
@@ -145,6 +147,13 @@ def _check_launch(train: dict, launch: dict) -> None:
                           f"{launch['nodes']} node(s) x {tasks} process(es)")
     if launch["executor"] == "local" and launch["nodes"] > 1:
         raise ConfigError("config key 'launch.nodes': the local executor runs on this machine only (set 1)")
+
+
+def check_channels_last(train: dict, channels_last: bool) -> None:
+    """DeepSpeed ZeRO-1/2 flattens the weights into one contiguous buffer: no channels-last weights there."""
+    if channels_last and train["backend"] == "deepspeed" and train["zero_stage"] > 0:
+        raise ConfigError("config key 'performance.channels_last': DeepSpeed ZeRO-1/2 flattens the weights into "
+                          "one contiguous buffer; use it with train.zero_stage: 0 or another backend")
 
 
 def _check_shape(model: dict, data: dict) -> None:
@@ -237,9 +246,11 @@ def is_conditioned(cfg: dict) -> bool:
 
 
 def performance_section(cfg: dict) -> dict:
-    """The `performance` section (absent: every key auto), with the legacy `train.compile: true` of configs
-    written before the section existed read as `performance.compile: true` where the section leaves it auto."""
+    """The `performance` section (absent: every key auto), with the legacy `train.compile` of configs written
+    before the section existed, where the section leaves `compile` auto: `true` meant "compile on CUDA",
+    which is what auto does; `false` turns compiling off."""
     section = dict(cfg.get("performance") or {})
-    if (cfg.get("train") or {}).get("compile") and section.get("compile", "auto") == "auto":
-        section["compile"] = True
+    legacy = (cfg.get("train") or {}).get("compile")
+    if legacy is False and section.get("compile", "auto") == "auto":
+        section["compile"] = False
     return section

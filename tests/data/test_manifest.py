@@ -94,13 +94,17 @@ def test_a_spreadsheet_export_reads_as_the_same_table(tmp_path):
 def test_conflicting_rows_for_one_subject_are_refused(tmp_path):
     bids_dataset(tmp_path / "a", 2)
     table = tmp_path / "p.tsv"
+    ds = [{"name": "a", "root": str(tmp_path / "a"), "participants": str(table)}]
+    age = {"covariates": [{"name": "age", "type": "continuous"}], "drop_prob": 0.1, "missing": "drop"}
     table.write_text("participant_id\tage\tsex\tnote\nsub-00\t40\tF\tx\nsub-00\t40\tF\ty\n")
-    rows, _ = build_manifest([{"name": "a", "root": str(tmp_path / "a"), "participants": str(table)}])
+    rows, _ = build_manifest(ds, condition=age)
     assert rows[0]["age"] == "40"  # rows that agree on the covariates are fine
     table.write_text("participant_id\tage\tsex\nsub-00\t40\tF\nsub-01\t50\tM\nsub-00\t44\tF\n")
+    rows, _ = build_manifest(ds)  # a row per visit, no session_id: without conditioning the last row wins
+    assert rows[0]["age"] == "44"
     with pytest.raises(BadInputError, match=r"p.tsv: two rows for sub-00 disagree \(age '40' and '44'; the second "
                                             r"at line 4\)"):
-        build_manifest([{"name": "a", "root": str(tmp_path / "a"), "participants": str(table)}])
+        build_manifest(ds, condition=age)
 
 
 def test_on_bad_input_fail_stops_with_the_same_message(tmp_path):

@@ -139,7 +139,7 @@ def test_every_engine_honours_the_precision(backend, precision):
     assert dict(os.environ) == before  # nothing leaks (Accelerate exports LOCAL_WORLD_SIZE and others)
 
 
-def test_progress_is_shown_while_waiting(shards, tmp_path):
+def test_progress_is_shown_while_waiting(shards, tmp_path, caplog):
     """The run writes progress.json; the watcher of `brainddpm train` turns it into one line, in place on a
     terminal, as a log line elsewhere."""
     import io
@@ -162,4 +162,7 @@ def test_progress_is_shown_while_waiting(shards, tmp_path):
     watcher.close()
     assert screen.getvalue() == "\r" + line.ljust(100) + "\n"
     assert ProgressWatcher(tmp_path / "missing.json").poll() is None
+    with caplog.at_level(logging.INFO, logger="brainddpm.training.progress"):  # the rule's log, terminal or not
+        ProgressWatcher(tmp_path / "checkpoints" / PROGRESS, stream=io.StringIO()).poll()
+    assert line in caplog.text
     assert [format_duration(s) for s in (None, 12.4, 425, 12000)] == ["?", "12 s", "7 min 5 s", "3 h 20 min"]

@@ -3,7 +3,7 @@
 data:     volumes/s of NIfTI load + preprocessing (what a loader without shards does) against
           volumes/s read from HDF5 shards through ShardDataset, on the same images, per process.
 train:    steps/s, samples/s, MFU and peak memory of the UNet of a preset on this device, through the
-          training engine; on a GPU side by side with the MONAI 3D DDPM tutorial's step (bench_train.py).
+          training engine; on a GPU side by side with the MONAI 3D DDPM tutorial's step (bench/train.py).
 eval:     wall time of one point evaluation of every metric (Grams, MS-SSIM matrices, features)
           against the 1000 bootstrap resamples that index them.
 sampling: wall time of DDPM (all steps) against DDIM on the same trained model.

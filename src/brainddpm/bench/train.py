@@ -11,8 +11,8 @@ Timing is CUDA-synchronised and excludes `warmup` steps (cuDNN autotuning, alloc
 `bench_levers` times the loop's own step (what `Engine` does for backend "ddp" on one process, plus the
 loop's EMA update) with one lever at a time switched: precision, `channels_last_3d`, SDPA/flash
 attention in MONAI's attention blocks, `torch.compile`, fused Adam, activation checkpointing. The levers
-that need a change of model.py or train.py are applied here, to the bare UNet, so they can be measured
-before anyone changes those files.
+that the training engine does not carry (fused Adam, activation checkpointing) are applied here, to the
+bare UNet, so they can be measured before anyone adds them to it.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def bench_baseline(cfg: dict, target_shape, batch: int, steps: int, device: torc
 
 @dataclass(frozen=True)
 class Levers:
-    """One configuration of the loop's step. The defaults are the loop as it is (model.py/train.py)."""
+    """One configuration of the loop's step. The defaults are the loop's eager step (models/diffusion.py, training/engine.py)."""
     precision: str = "bf16"  # "bf16" (autocast over fp32 weights) or "fp32" (TF32 convolutions, PyTorch's default)
     channels_last: bool = False  # model and input in torch.channels_last_3d
     flash: bool = True  # use_flash_attention: SDPA in MONAI's attention blocks (the reference config's value)

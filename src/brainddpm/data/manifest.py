@@ -87,11 +87,12 @@ def discover(dataset: dict, index: int = 0) -> list[str]:
     return paths
 
 
-def read_participants(path, columns: tuple[str, ...] = ("age", "sex")) -> tuple[dict[tuple[str, str], dict], list[str]]:
+def read_participants(path, columns: tuple[str, ...] = ()) -> tuple[dict[tuple[str, str], dict], list[str]]:
     """(subject, session or '') -> row of a participants table, and the table's columns.
 
     BadInputError when the table cannot be read, or when two rows of one subject/session disagree on one of
-    `columns` (the covariates the run uses): which one is right is the user's call, not the last row's.
+    `columns` (the covariates the run conditions on): which one is right is the user's call, not the last
+    row's. Other columns may differ (a table with a row per visit and no session_id): the last row wins.
     """
     try:
         rows = read_tsv(path)
@@ -188,7 +189,7 @@ def build_manifest(datasets: list[dict], jobs: int = 1, progress: bool = False,
     from tqdm import tqdm
 
     names = covariate_names(condition)
-    wanted = tuple(dict.fromkeys(["age", "sex", *names]))
+    wanted = tuple(n for n in names if n != "dataset")
     candidates, excluded, columns = [], [], {}
     for i, ds in enumerate(datasets):
         paths = discover(ds, i)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from brainddpm.config import covariate_names, split_seed
-from brainddpm.data.covariates import read_covariates
+from brainddpm.data.covariates import MISSING, read_covariates
 from brainddpm.data.manifest import (
     EXCLUDED_COLUMNS,
     build_manifest,
@@ -47,7 +47,7 @@ def run_manifest(cfg: dict, manifest_path: Path, excluded_path: Path, jobs: int 
             raise BadInputError(ds.get("root") or ds.get("glob"), f"dataset {ds['name']} has no usable image; "
                                 f"every one was excluded:\n{reasons}")
     for name in covariate_names(cfg.get("condition")):
-        have = sum(1 for r in rows if r.get(name) not in (None, "", "n/a"))
+        have = sum(1 for r in rows if str(r.get(name) or "").strip().lower() not in MISSING)
         log.info("covariate %s: %d of %d images have a value", name, have, len(rows))
     write_tsv(excluded, EXCLUDED_COLUMNS, excluded_path)
     write_tsv(rows, manifest_columns(cfg.get("condition")), manifest_path)

@@ -96,8 +96,3 @@ def fit_encoding(cond_cfg: dict, covariates: list[dict], source: str = "the trai
             fitted.append({"name": c["name"], "type": "categorical",
                            "categories": sorted({str(v) for v in values})})
     return CovariateEncoding(tuple(fitted))
-
-
-# ---- sampling plans: which covariates each synthetic volume is asked for ----
-
-

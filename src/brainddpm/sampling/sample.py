@@ -119,13 +119,25 @@ def fast_model(model: torch.nn.Module, performance: Performance) -> torch.nn.Mod
         use_low_precision_norms(model)
     if not performance.compile:
         return model
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
     log.info("compiling the network (torch.compile, mode %s; performance.compile: false runs eagerly)",
              performance.compile_mode)
     kwargs = {} if performance.compile_mode == "default" else {"mode": performance.compile_mode}
-    return torch.compile(model, backend=performance.compile_backend, dynamic=False, **kwargs)
+    return _EagerFallback(torch.compile(model, backend=performance.compile_backend, dynamic=False, **kwargs))
+
+
+class _EagerFallback(torch.nn.Module):
+    """A compiled network whose graphs that fail to compile run eagerly: dynamo's `suppress_errors`, set
+    around each call only (not for the whole process)."""
+
+    def __init__(self, compiled: torch.nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        import torch._dynamo.config as dynamo_config
+
+        with dynamo_config.patch(suppress_errors=True):
+            return self.compiled(*args, **kwargs)
 
 
 def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out: Path, nifti_dir: Path,

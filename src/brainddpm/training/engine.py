@@ -35,9 +35,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo.config as dynamo_config
 from monai.networks.schedulers import DDPMScheduler
 from torch.nn.parallel import DistributedDataParallel
 
+from brainddpm.config import check_channels_last
 from brainddpm.device import EAGER, Performance
 from brainddpm.errors import ConfigError
 from brainddpm.models.diffusion import diffusion_loss, use_low_precision_norms
@@ -127,13 +129,12 @@ class Engine:
                  scheduler: DDPMScheduler, performance: Performance = EAGER) -> None:
         self.backend, self.plan, self.net, self.scheduler = train_cfg["backend"], plan, net, scheduler
         self.grad_clip, self.performance = train_cfg["grad_clip"], performance
-        self.accelerator = None
+        self.accelerator: object | None = None
+        self.ddp: DistributedDataParallel | None = None
         if performance.low_precision_norm and plan.bf16:
             use_low_precision_norms(net)
         deepspeed_backend = self.backend == "deepspeed"
-        if performance.channels_last and deepspeed_backend and train_cfg["zero_stage"] > 0:
-            raise ConfigError("config key 'performance.channels_last': DeepSpeed ZeRO-1/2 flattens the weights "
-                              "into one contiguous buffer; use it with train.zero_stage: 0 or another backend")
+        check_channels_last(train_cfg, performance.channels_last)  # also checked with the config, at startup
         if performance.channels_last and not deepspeed_backend:
             net.to(memory_format=torch.channels_last_3d)  # in place, before DDP builds its buckets
         optimizer = torch.optim.Adam(net.parameters(), lr=train_cfg["lr"], betas=tuple(train_cfg["betas"]),
@@ -156,6 +157,7 @@ class Engine:
         elif runtime.world_size > 1:
             cuda = runtime.device.type == "cuda"
             self.model = DistributedDataParallel(net, device_ids=[runtime.device.index] if cuda else None)
+            self.ddp = self.model  # compiling wraps it: keep the DDP object for no_sync
             self.optimizer = optimizer
         else:
             self.model, self.optimizer = net, optimizer
@@ -166,10 +168,8 @@ class Engine:
     def _compile(self) -> None:
         """torch.compile the model inside its wrapper (DeepSpeed: `engine.compile()`, which keeps the engine's
         hooks around the compiled module). Compiling happens at the first step; a graph that fails to compile
-        runs eagerly instead (dynamo's `suppress_errors`), with a warning, so a run never dies of it."""
-        import torch._dynamo
-
-        torch._dynamo.config.suppress_errors = True
+        runs eagerly instead (dynamo's `suppress_errors`, set around each step only), with a warning, so a
+        run never dies of it."""
         mode = self.performance.compile_mode
         kwargs = {} if mode == "default" else {"mode": mode}
         log.info("compiling the network (torch.compile, mode %s): the first step takes a minute or two; "
@@ -186,7 +186,13 @@ class Engine:
         `context`: the micro-batch's condition vectors (a conditional model), dropped with `drop_prob`."""
         if self.performance.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
+        if self.performance.compile:
+            with dynamo_config.patch(suppress_errors=True):  # a graph that fails to compile runs eagerly
+                return self._micro_step(x, generator, boundary, context, drop_prob)
+        return self._micro_step(x, generator, boundary, context, drop_prob)
 
+    def _micro_step(self, x: torch.Tensor, generator: torch.Generator, boundary: bool,
+                    context: torch.Tensor | None, drop_prob: float) -> torch.Tensor:
         def loss_of_batch() -> torch.Tensor:
             return diffusion_loss(self.model, self.scheduler, x, generator, context, drop_prob)
 
@@ -206,8 +212,8 @@ class Engine:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             return loss.detach()
-        skip_sync = isinstance(self.model, DistributedDataParallel) and not boundary
-        with self.model.no_sync() if skip_sync else nullcontext():
+        skip_sync = self.ddp is not None and not boundary
+        with self.ddp.no_sync() if skip_sync else nullcontext():
             with autocast(x.device, self.plan.bf16):
                 loss = loss_of_batch()
             (loss / self.plan.gradient_accumulation_steps).backward()

@@ -170,7 +170,7 @@ class StepLog:
 
 class ProgressWatcher:
     """What `brainddpm train` shows while it waits for the training job: the job's `progress.json` (step,
-    loss, samples/s, ETA) as one line rewritten in place on a terminal, else as a log line every
+    loss, samples/s, ETA) as one line rewritten in place on a terminal (stdout), and as a log line every
     `every_s` seconds (the train rule's log). Reads only; a missing or half-written file shows nothing."""
 
     def __init__(self, path: Path, every_s: float = 60.0, stream=None) -> None:
@@ -198,7 +198,7 @@ class ProgressWatcher:
         if self.terminal:
             self.stream.write("\r" + text.ljust(100))
             self.stream.flush()
-        elif time.monotonic() - self.logged_at >= self.every_s or state["step"] == state["total_steps"]:
+        if time.monotonic() - self.logged_at >= self.every_s or state["step"] == state["total_steps"]:
             self.logged_at = time.monotonic()
             log.info("%s", text)
         return text

@@ -4,8 +4,8 @@
 the CPU), refuses to fall back to the CPU when GPUs were asked for, and joins the process group (NCCL
 on GPUs, gloo on CPUs) from the rendezvous in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT: exported by submitit's TorchDistributedEnvironment in training/launch.py), with a
-collective timeout so that a dead rank does not stall the others for long. `claim_gpu` gives each of
-several processes on one machine (sampling jobs) a GPU of its own.
+collective timeout so that a dead rank does not stall the others for long. (Which GPU a sampling or
+feature job takes is device.py's `claim_gpu`.)
 """
 
 from __future__ import annotations
