@@ -107,10 +107,12 @@ class StepLog:
         self.epoch_s = 0.0
         self.reported_at = 0.0
         self.bar = None
-        if write and sys.stderr.isatty():
+        # a terminal on stderr, or on stdout when stderr goes to a log (the train rule's `2> log`, in-process)
+        terminal = next((f for f in (sys.stderr, sys.stdout) if f.isatty()), None) if write else None
+        if terminal is not None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=terminal)
 
     @property
     def samples_per_s(self) -> float | None:
@@ -146,7 +148,7 @@ class StepLog:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4g}", samples_s=f"{rate:.3g}")
-        elif step % self.log_every == 0 or step == self.total_steps:
+        if (self.bar is None or not sys.stderr.isatty()) and (step % self.log_every == 0 or step == self.total_steps):
             log.info("step %d/%d epoch %d loss %.5g lr %.3g %.3g samples/s/process ETA %s", step, self.total_steps,
                      epoch, loss, self.lr, rate, format_duration(self.eta_s(step)))
 
