@@ -244,7 +244,8 @@ def write_report(metric_files: dict[str, Path], memo_path: Path, train_dir: Path
             plot_strata(sample_parts[sampler], out / f"strata-{sampler}.png")
             section += [f"![synthetic volumes per stratum, {sampler}](strata-{sampler}.png)", ""]
         text = text + "\n" + "\n".join(section)
-    text = text + "\n" + grid_markdown(*_part_grid(next(iter(sample_parts.values()))[0]))
+    first_part = Path(next(iter(sample_parts.values()))[0])
+    text = text + "\n" + grid_markdown(*_part_grid(first_part), folder=f"{first_part.parent.parent}/<sampler>/nifti-*/")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(text)
     write_html(text, out, out / "report.html")
@@ -256,7 +257,8 @@ def _part_grid(part: Path) -> tuple[np.ndarray, tuple[int, ...]]:
         return f["affine"][()], tuple(int(s) for s in f["images"].shape[-3:])
 
 
-def grid_markdown(affine: np.ndarray, shape: tuple[int, ...]) -> str:
+def grid_markdown(affine: np.ndarray, shape: tuple[int, ...],
+                  folder: str = "results/samples/<run>/<sampler>/nifti-*/") -> str:
     """What the synthetic NIfTI are: the model's grid, its voxel size, and how to look at them."""
     voxel = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     size = "x".join(f"{v:.2f}" for v in voxel)
@@ -264,7 +266,7 @@ def grid_markdown(affine: np.ndarray, shape: tuple[int, ...]) -> str:
         "## The synthetic NIfTI files", "",
         f"Each synthetic volume is written at the model's shape, {'x'.join(map(str, shape))} voxels of "
         f"**{size} mm**, covering the field of view of the MNI 1 mm grid the inputs were resampled to (RAS, "
-        "qform and sform code 4, MNI152): `results/samples/<run>/<sampler>/nifti-*/`. FSLeyes and ITK-SNAP "
+        f"qform and sform code 4, MNI152): `{folder}`. FSLeyes and ITK-SNAP "
         "open them as they are and overlay them on the MNI152 template in world coordinates (`fsleyes "
         "$FSLDIR/data/standard/MNI152_T1_1mm.nii.gz synthetic-0000_ddpm.nii.gz`). Tools that expect the 1 mm "
         "grid itself get a copy resampled onto it (trilinear) with `brainddpm to-mni --config <your configs> "
