@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from brainddpm.device import lock_first_free
 from brainddpm.errors import ConfigError
 from brainddpm.training.runtime import StopSignal, require_cuda, scoped_environment, setup_runtime
 
@@ -45,23 +42,6 @@ def test_one_process_runtime_leaves_the_environment_as_it_was(monkeypatch):
         os.environ["LOCAL_WORLD_SIZE"] = "1"  # what Accelerate exports on CPUs
         os.environ["OMP_NUM_THREADS"] = "1"
     assert dict(os.environ) == before
-
-
-def test_concurrent_jobs_claim_different_gpus(tmp_path):
-    """The lock logic behind claim_gpu: each process takes the first free slot; a finished one frees it."""
-    names = ["gpu-a", "gpu-b"]
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from brainddpm.device import "
-         "lock_first_free; print(lock_first_free(['gpu-a', 'gpu-b'], Path(sys.argv[1])), flush=True); "
-         "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "0"
-        assert lock_first_free(names, tmp_path) == 1  # the other job's GPU is taken
-        assert lock_first_free(names, tmp_path) is None  # every GPU held
-    finally:
-        holder.kill()
-        holder.wait()
-    assert lock_first_free(names, tmp_path / "fresh") == 0
 
 
 def test_stop_signal_sets_a_flag_and_forwards_to_the_previous_handler():
