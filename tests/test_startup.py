@@ -46,6 +46,8 @@ def test_a_slurm_run_needs_an_account_from_the_config_or_the_environment():
     assert resolve_account(launch, environ={ACCOUNT_VARIABLE: "proj"})["account"] == "proj"
     assert resolve_account({**launch, "account": "mine"}, environ={ACCOUNT_VARIABLE: "proj"})["account"] == "mine"
     check_launch_site({**launch, "executor": "local"}, environ={})  # not a SLURM run: nothing to check
+    check_launch_site({**launch, "account": False}, environ={})  # said outright: a cluster without accounts
+    assert resolve_account({**launch, "account": False}, environ={ACCOUNT_VARIABLE: "proj"})["account"] is False
 
 
 def test_a_leonardo_qos_must_hold_the_time_limit():

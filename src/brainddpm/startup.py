@@ -64,7 +64,7 @@ def check_datasets(cfg: dict) -> None:
 
 def resolve_account(launch: dict, environ=os.environ) -> dict:
     """`launch` with the account filled in from $BRAINDDPM_SLURM_ACCOUNT when `launch.account` is not set."""
-    if launch.get("account") or not environ.get(ACCOUNT_VARIABLE):
+    if launch.get("account") or launch.get("account") is False or not environ.get(ACCOUNT_VARIABLE):
         return launch
     return {**launch, "account": environ[ACCOUNT_VARIABLE]}
 
@@ -73,10 +73,10 @@ def check_launch_site(launch: dict, environ=os.environ) -> None:
     """A SLURM run has an account, and on LEONARDO a QOS whose time limit holds `launch.time_min`."""
     if launch["executor"] != "slurm":
         return
-    if not (launch.get("account") or environ.get(ACCOUNT_VARIABLE)):
+    if not (launch.get("account") or launch.get("account") is False or environ.get(ACCOUNT_VARIABLE)):
         raise ConfigError(f"config key 'launch.account': not set, and ${ACCOUNT_VARIABLE} is empty; "
                           f"`export {ACCOUNT_VARIABLE}=<your project>` (the profiles read it too), or set "
-                          "launch.account")
+                          "launch.account (false on a cluster without accounts)")
     qos, partition = launch.get("qos"), launch.get("partition") or ""
     limit = LEONARDO_QOS_MINUTES.get(qos or "normal") if partition.startswith("boost_") else None
     if limit is not None and launch["time_min"] > limit:

@@ -88,7 +88,7 @@ def slurm_parameters(cfg: dict) -> dict:
     }
     if lc["gpus_per_node"]:
         params["gpus_per_node"] = lc["gpus_per_node"]
-    params.update({k: lc[k] for k in ("partition", "account", "qos") if lc[k] is not None})
+    params.update({k: lc[k] for k in ("partition", "account", "qos") if lc[k] not in (None, False)})
     return params
 
 
