@@ -75,7 +75,8 @@ def overrides(tmp: Path) -> dict:
         "train": {"backend": "ddp", "epochs": 100, "max_steps": MAX_STEPS, "micro_batch": 1,
                   "checkpoint_every": CHECKPOINT_EVERY, "keep_last": 2, "log_every": 5, "num_workers": 0},
         "launch": {"executor": "slurm", "account": False,  # the test cluster has no accounts
-                   "nodes": 1, "gpus_per_node": 0, "tasks_per_node": 2, "cpus_per_task": 1, "mem_gb": 1, "partition": "debug", "time_min": 20, "signal_delay_s": 30, "max_requeues": 2},
+                   "nodes": 1, "gpus_per_node": 0, "tasks_per_node": 2, "cpus_per_task": 1, "mem_gb": 1,
+                   "partition": "debug", "time_min": 20, "signal_delay_s": 30, "max_requeues": 2},
         "sample": {"n": 4, "batch": 2, "jobs": 2, "samplers": [SAMPLER], "ddim_steps": 10},
         "evaluate": {"n": 4, "bootstrap": 50, "jobs": 2, "fid": {"weights": None}},
     }
