@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import base_config, bids_dataset
 
+from brainddpm.config import validate_config
 from brainddpm.errors import ConfigError
 from brainddpm.startup import ACCOUNT_VARIABLE, check_datasets, check_launch_site, resolve_account, train_submission
 
@@ -34,8 +35,10 @@ def test_the_demo_cohort_is_written_later_and_an_empty_list_is_an_error(tmp_path
         check_datasets(base_config(demo={**demo, "enabled": False}, datasets=[pending]))
     cfg = base_config(demo=demo)
     cfg["datasets"] = []
-    with pytest.raises(ConfigError, match=r"'datasets': empty; the demo cohort is written to .*but no dataset lists it"):
-        check_datasets(cfg)
+    with pytest.raises(ConfigError, match=r"'datasets': empty; the demo cohort is written to .*but no dataset"):
+        validate_config(cfg)
+    with pytest.raises(ConfigError, match=r"'datasets': empty; list your datasets"):  # the manifest job's part
+        validate_config({"datasets": [], "data": cfg["data"]}, partial=True)
 
 
 def test_a_slurm_run_needs_an_account_from_the_config_or_the_environment():

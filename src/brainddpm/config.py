@@ -104,8 +104,11 @@ def _check_consistency(cfg: dict) -> None:
     names = [d["name"] for d in cfg.get("datasets", [])]
     if len(names) != len(set(names)):
         raise ConfigError(f"config key 'datasets': dataset names must be unique, got {names}")
-    if {"datasets", "demo"} <= set(cfg) and not cfg["datasets"] and not cfg["demo"]["enabled"]:
-        raise ConfigError("config key 'datasets': empty; list your datasets or enable the demo cohort")
+    if "datasets" in cfg and not cfg["datasets"]:
+        demo = cfg.get("demo") or {}
+        hint = (f"the demo cohort is written to {demo['out']}, but no dataset lists it (see config/demo.yaml)"
+                if demo.get("enabled") else "list your datasets or enable the demo cohort")
+        raise ConfigError(f"config key 'datasets': empty; {hint}")
 
 
 def _check_model(model: dict) -> None:
@@ -242,7 +245,6 @@ def covariate_names(cond_cfg: dict | None) -> list[str]:
 def is_conditioned(cfg: dict) -> bool:
     """True when the config asks for a conditional model (`condition.covariates` not empty)."""
     return bool(covariate_names(cfg.get("condition")))
-
 
 
 def performance_section(cfg: dict) -> dict:

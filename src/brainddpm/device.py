@@ -104,4 +104,3 @@ def resolve_performance(section: dict | None, device: torch.device) -> Performan
     return Performance(compile=flag("compile"), compile_mode=section.get("compile_mode", "default"),
                        channels_last=flag("channels_last"),
                        low_precision_norm=flag("low_precision_norm"))
-

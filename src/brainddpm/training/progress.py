@@ -154,10 +154,9 @@ class StepLog:
 
     def end_epoch(self, epoch: int, mfu: float | None, peak_memory_bytes: int) -> None:
         if self.write and self.epoch_losses:
-            rate = len(self.epoch_losses) * self.samples_per_step / self.epoch_s
             log.info("epoch %d: mean loss %.5g, %.3g samples/s per process, MFU %s, peak memory %.3g GiB", epoch,
-                     sum(self.epoch_losses) / len(self.epoch_losses), rate, "n/a" if mfu is None else f"{mfu:.1%}",
-                     peak_memory_bytes / 2**30)
+                     sum(self.epoch_losses) / len(self.epoch_losses), self.epoch_samples_per_s,
+                     "n/a" if mfu is None else f"{mfu:.1%}", peak_memory_bytes / 2**30)
         self.epoch_losses, self.epoch_s = [], 0.0
 
     @property
