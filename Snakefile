@@ -1,4 +1,5 @@
-# brain-ddpm: NIfTI -> manifest/split -> shards -> checkpoint -> samples -> metric parts -> report.
+# brain-ddpm: NIfTI -> manifest/split -> shards -> (autoencoder -> latent shards) -> checkpoint -> samples
+# -> metric parts -> report.
 # Declarations and includes only; the rules are in workflow/rules/<stage>.smk (their conda: and report
 # caption paths are relative to workflow/rules/), the work happens in `brainddpm <subcommand>` (src/brainddpm).
 from snakemake.utils import min_version
@@ -19,6 +20,7 @@ rule all:
 
 
 include: "workflow/rules/prepare.smk"
+include: "workflow/rules/latent.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"

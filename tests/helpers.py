@@ -157,3 +157,22 @@ def write_split(path, vols, covariates, split="train", **extra) -> list:
     write_index(split, [summary], path / "index.json")
     return [path / "shard-000.h5"]
 
+
+
+# ---- latent diffusion: a tiny autoencoder (4x compression) on the 16^3 volumes ----
+
+TINY_AUTOENCODER = {"channels": [4, 8, 8], "latent_channels": 2, "num_res_blocks": 1,
+                    "attention_levels": [False, False, False], "norm_num_groups": 4, "use_checkpoint": False,
+                    "pad_multiple": 4, "patch": None, "kl_weight": 1e-6,
+                    "adversarial": {"weight": 0.0, "start_step": 0, "channels": 4, "layers": 2, "lr": None},
+                    "perceptual": {"weight": 0.0, "network": "medicalnet_resnet10_23datasets", "cache_dir": "unused"},
+                    "train": {}}
+
+
+def autoencoder_config(**autoencoder) -> dict:
+    """tiny_config with the tiny autoencoder (its `train` merged in, as `brainddpm train-autoencoder` does)."""
+    from brainddpm.config import autoencoder_training
+
+    cfg = tiny_config()
+    cfg["autoencoder"] = deep_merge(TINY_AUTOENCODER, autoencoder)
+    return autoencoder_training(validate_config(cfg))

@@ -21,6 +21,7 @@ from brainddpm.models.diffusion import build_model, build_scheduler
 from brainddpm.models.final import save_final
 from brainddpm.training.engine import Engine, RunPlan
 from brainddpm.training.loop import train
+from brainddpm.training.objectives import DiffusionObjective
 from brainddpm.training.runtime import scoped_environment, setup_runtime
 
 pytestmark = [
@@ -64,7 +65,7 @@ def test_one_bf16_step_per_backend(backend, compiled):
         if not compiled:  # a hook inside a compiled graph says nothing about the kernels that run
             conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
         engine = Engine(cfg["train"], RunPlan(2, 1, 1, 1, 1, bf16=True), runtime, net,
-                        build_scheduler(cfg["scheduler"]), Performance(compile=compiled))
+                        DiffusionObjective(build_scheduler(cfg["scheduler"])), Performance(compile=compiled))
         before = [p.detach().clone() for p in net.parameters()]
         x = torch.rand(2, 1, *SHAPE, device=runtime.device)
         loss = engine.micro_step(x, torch.Generator(device=runtime.device).manual_seed(0), boundary=True)

@@ -1,7 +1,7 @@
 """The package's layout: every module imports, and imports follow the pipeline's stage order.
 
-src/brainddpm/ has one package per stage, data < models < training < sampling < evaluation < bench, and
-the shared top-level modules (config, errors, fileio, device, commandline, startup) that every stage may use.
+src/brainddpm/ has one package per stage, data < models < training < encoding < sampling < evaluation <
+utility < bench, and the shared top-level modules (config, errors, fileio, device, commandline, startup) that every stage may use.
 A stage imports only itself, earlier stages and the shared modules; a shared module imports no stage.
 cli.py (which assembles every stage's subcommands) and bench/ (which measures them all) are the entry
 points, exempt from the stage order. Imports are read from the source with `ast`, wherever they are
@@ -19,7 +19,7 @@ import pytest
 
 import brainddpm
 
-STAGES = ("data", "models", "training", "sampling", "evaluation", "bench")
+STAGES = ("data", "models", "training", "encoding", "sampling", "evaluation", "utility", "bench")
 SHARED = ("config", "errors", "fileio", "device", "commandline", "startup")  # and the package's __init__
 ENTRY_POINTS = ("cli",)
 PACKAGE_DIR = Path(brainddpm.__file__).parent

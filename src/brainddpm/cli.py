@@ -19,13 +19,16 @@ import sys
 from brainddpm import __version__
 from brainddpm.bench import commands as bench_commands
 from brainddpm.data import commands as data_commands
+from brainddpm.encoding import commands as encoding_commands
 from brainddpm.errors import BrainDDPMError
 from brainddpm.evaluation import commands as evaluation_commands
 from brainddpm.sampling import commands as sampling_commands
 from brainddpm.training import commands as training_commands
+from brainddpm.utility import commands as utility_commands
 
 # in the order of the pipeline: `brainddpm --help` lists the subcommands in this order
-STAGES = (data_commands, training_commands, sampling_commands, evaluation_commands, bench_commands)
+STAGES = (data_commands, training_commands, encoding_commands, sampling_commands, evaluation_commands,
+          utility_commands, bench_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,7 +81,9 @@ def validate_config(cfg: dict, partial: bool = False) -> dict:
 def _check_consistency(cfg: dict) -> None:
     if "model" in cfg:
         _check_model(cfg["model"])
-    if {"model", "data"} <= set(cfg):
+    if is_latent(cfg):
+        _check_latent(cfg)
+    elif {"model", "data"} <= set(cfg):
         _check_shape(cfg["model"], cfg["data"])
     if "data" in cfg:
         lo, hi = cfg["data"]["intensity"]["lower_percentile"], cfg["data"]["intensity"]["upper_percentile"]
@@ -167,6 +169,45 @@ def _check_shape(model: dict, data: dict) -> None:
             f"config key 'data.target_shape': {data['target_shape']} must be divisible by "
             f"2^(levels-1) = {factor} for a UNet with {levels} levels"
         )
+
+
+def _check_latent(cfg: dict) -> None:
+    """model.kind: latent: the autoencoder section fits itself, the data and the latent UNet."""
+    for section in ("autoencoder", "decode"):
+        if section not in cfg and {"data", "train"} <= set(cfg):  # a whole config, not a job's sections
+            raise ConfigError(f"config key '{section}': missing (model.kind: latent needs it; see config/latent.yaml)")
+    ae = cfg.get("autoencoder")
+    if ae is None:
+        return
+    levels, factor = len(ae["channels"]), 2 ** (len(ae["channels"]) - 1)
+    if len(ae["attention_levels"]) != levels:
+        raise ConfigError(f"config key 'autoencoder.attention_levels': has {len(ae['attention_levels'])} entries, "
+                          f"autoencoder.channels has {levels}")
+    if any(c % ae["norm_num_groups"] for c in ae["channels"]):
+        raise ConfigError(f"config key 'autoencoder.channels': {ae['channels']} are not all divisible by "
+                          f"autoencoder.norm_num_groups={ae['norm_num_groups']}")
+    if ae["pad_multiple"] % factor:
+        raise ConfigError(f"config key 'autoencoder.pad_multiple': {ae['pad_multiple']} is not a multiple of the "
+                          f"compression factor {factor} (2^(levels-1) for {levels} channel levels)")
+    if ae["patch"] and any(p % factor for p in ae["patch"]):
+        raise ConfigError(f"config key 'autoencoder.patch': {ae['patch']} must be divisible by the compression factor "
+                          f"{factor}")
+    unknown = sorted(set(ae["train"]) - set(yaml.safe_load(SCHEMA_PATH.read_text())["properties"]["train"]["properties"]))
+    if unknown:
+        raise ConfigError(f"config key 'autoencoder.train.{unknown[0]}': unknown key (it overrides train.*)")
+    if "train" in cfg:
+        try:
+            validate_config({"train": {**cfg["train"], **ae["train"]}}, partial=True)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("config key 'train.", "config key 'autoencoder.train.")) from None
+    if {"model", "data"} <= set(cfg):
+        unet = 2 ** (len(cfg["model"]["channels"]) - 1)
+        latent = [-(-s // ae["pad_multiple"]) * ae["pad_multiple"] // factor for s in cfg["data"]["target_shape"]]
+        if any(s % unet for s in latent):
+            raise ConfigError(f"config key 'autoencoder.pad_multiple': volumes of data.target_shape "
+                              f"{cfg['data']['target_shape']} padded to a multiple of {ae['pad_multiple']} give latents "
+                              f"of {latent}, which the latent UNet ({len(cfg['model']['channels'])} levels) cannot "
+                              f"take: they must be divisible by {unet}; set pad_multiple to a multiple of {factor * unet}")
 
 
 def msssim_min_size(kernel_size: int, scales: int) -> int:
@@ -256,3 +297,14 @@ def performance_section(cfg: dict) -> dict:
     if legacy is False and section.get("compile", "auto") == "auto":
         section["compile"] = False
     return section
+
+
+def is_latent(cfg: dict) -> bool:
+    """True when the config asks for latent diffusion (`model.kind: latent`)."""
+    return (cfg.get("model") or {}).get("kind", "pixel") == "latent"
+
+
+def autoencoder_training(cfg: dict) -> dict:
+    """The config as the autoencoder's training run sees it: `train` with `autoencoder.train` laid over it."""
+    overrides = (cfg.get("autoencoder") or {}).get("train") or {}
+    return {**cfg, "train": {**cfg["train"], **overrides}}

@@ -15,6 +15,7 @@ from brainddpm.device import CUDA_DEFAULTS, EAGER, Performance, resolve_performa
 from brainddpm.errors import ConfigError
 from brainddpm.models.diffusion import build_model, build_scheduler
 from brainddpm.training.engine import Engine, RunPlan
+from brainddpm.training.objectives import DiffusionObjective
 from brainddpm.training.runtime import scoped_environment, setup_runtime
 
 
@@ -49,7 +50,7 @@ def _losses(performance: Performance, steps: int = 3, backend: str = "ddp") -> t
         torch.manual_seed(0)
         net = build_model(cfg["model"]).train()
         engine = Engine(cfg["train"], RunPlan(2, 1, 1, steps, steps, bf16=False), runtime, net,
-                        build_scheduler(cfg["scheduler"]), performance)
+                        DiffusionObjective(build_scheduler(cfg["scheduler"])), performance)
         generator = torch.Generator().manual_seed(0)
         x = torch.rand(2, 1, *SHAPE, generator=torch.Generator().manual_seed(1))
         losses = [float(engine.micro_step(x, generator, boundary=True)) for _ in range(steps)]
@@ -91,4 +92,4 @@ def test_channels_last_is_refused_with_zero_partitioning():
         runtime = setup_runtime("deepspeed")
         with pytest.raises(ConfigError, match="performance.channels_last"):
             Engine(cfg["train"], RunPlan(2, 1, 1, 1, 1, bf16=False), runtime, build_model(cfg["model"]),
-                   build_scheduler(cfg["scheduler"]), Performance(channels_last=True))
+                   DiffusionObjective(build_scheduler(cfg["scheduler"])), Performance(channels_last=True))

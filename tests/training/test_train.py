@@ -20,6 +20,7 @@ from brainddpm.models.diffusion import build_model, build_scheduler
 from brainddpm.models.final import load_final
 from brainddpm.training.engine import Engine, RunPlan, ema_decay_at
 from brainddpm.training.loop import train
+from brainddpm.training.objectives import DiffusionObjective
 from brainddpm.training.runtime import scoped_environment, setup_runtime
 
 
@@ -118,7 +119,7 @@ def test_every_engine_honours_the_precision(backend, precision):
         torch.manual_seed(0)
         net = build_model(cfg["model"]).train()
         plan = RunPlan(2, 1, 1, 1, 1, bf16=precision == "bf16")
-        engine = Engine(cfg["train"], plan, runtime, net, build_scheduler(cfg["scheduler"]))
+        engine = Engine(cfg["train"], plan, runtime, net, DiffusionObjective(build_scheduler(cfg["scheduler"])))
         seen = []
         conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d))
         conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))

@@ -3,7 +3,7 @@ import os
 
 import sys
 
-from brainddpm.config import is_conditioned
+from brainddpm.config import autoencoder_training, is_conditioned, is_latent
 from brainddpm.config import dumps, validate_config
 from brainddpm.errors import ConfigError
 from brainddpm.startup import check_datasets, check_launch_site, resolve_account, train_submission
@@ -28,6 +28,7 @@ R = config["results"]
 RUN = config["run"]
 DEMO_DIR = config["demo"]["out"]
 CONDITIONED = is_conditioned(config)  # condition.covariates set: a conditional model (CFG)
+LATENT = is_latent(config)  # model.kind: latent: autoencoder -> latent shards -> latent DDPM (latent.smk)
 DEMO_PARTICIPANTS = f"{DEMO_DIR}/participants.tsv" if config["demo"]["enabled"] else []
 
 
@@ -44,7 +45,16 @@ def stage_config(*sections, condition=False):
     the `condition` section too, but only for a conditional model: an unconditional run's params (and so
     its outputs) stay exactly what they were before conditioning existed."""
     keys = list(sections) + (["condition"] if condition and CONDITIONED else [])
-    return dumps({k: config[k] for k in keys})
+    cfg = {k: config[k] for k in keys}
+    if "model" in cfg and not LATENT:  # model.kind: pixel (the default) leaves a pixel run's params as they were
+        cfg["model"] = {k: v for k, v in cfg["model"].items() if k != "kind"}
+    return dumps(cfg)
+
+
+def autoencoder_config():
+    """What the autoencoder's training depends on: its section, and train.* with autoencoder.train over it."""
+    merged = autoencoder_training(config)
+    return dumps({"run": RUN, "seed": config["seed"], "autoencoder": config["autoencoder"], "train": merged["train"]})
 
 
 def sampler_config(wildcards):
@@ -55,7 +65,7 @@ def sampler_config(wildcards):
         sample.pop("ddim_steps", None)
     for key in ("conditions", "guidance_scale"):  # the plan's keys (condition_plan): they reach the parts through it
         sample.pop(key, None)
-    return dumps({"sample": sample})
+    return dumps({"sample": sample, **({"decode": config["decode"]} if LATENT else {})})
 
 
 def shard_files(wildcards):
@@ -74,6 +84,10 @@ def prepare_targets():
 
 
 # ---- paths of the later stages ----
+AUTOENCODER_DIR = f"{R}/autoencoder/{RUN}"
+AUTOENCODER = f"{AUTOENCODER_DIR}/autoencoder.safetensors" if LATENT else []
+LATENTS = f"{R}/latents/{RUN}"
+TRAIN_INDEX = f"{LATENTS}/train/index.json" if LATENT else f"{R}/shards/train/index.json"  # what `train` reads
 TRAIN_DIR = f"{R}/train/{RUN}"
 MODEL = f"{TRAIN_DIR}/model.safetensors"
 SAMPLES = f"{R}/samples/{RUN}"
@@ -99,8 +113,13 @@ def conditioning_targets():
     return [f"{EVAL}/{s}/conditioning.json" for s in SAMPLERS] if CONDITIONED else []
 
 
+def reconstruction_targets():
+    return [f"{EVAL}/reconstruction.json"] if LATENT else []
+
+
 def evaluate_targets():
-    return [f"{EVAL}/{s}/metrics.json" for s in SAMPLERS] + [f"{EVAL}/memorization.json"] + conditioning_targets()
+    return ([f"{EVAL}/{s}/metrics.json" for s in SAMPLERS] + [f"{EVAL}/memorization.json"] + conditioning_targets()
+            + reconstruction_targets())
 
 
 def report_targets():

@@ -11,6 +11,7 @@ rule report:
         info=f"{TRAIN_DIR}/train.json",
         loss=f"{TRAIN_DIR}/loss.png",
         conditioning=conditioning_targets(),
+        reconstruction=reconstruction_targets(),
     output:
         md=f"{R}/report/report.md",
         html=report(f"{R}/report/report.html", caption="../report/summary.rst", category="Summary"),
@@ -38,4 +39,6 @@ rule report:
         "--memorization {input.memorization} --samples {input.samples} --train {params.train} "
         "--real {params.real} --run-dir {params.run_dir} --out {params.out}"
         + (" --conditioning {input.conditioning}" if CONDITIONED else "")
+        + (" --reconstruction {input.reconstruction}" if LATENT else "")
+        + (" --compare {}".format(config["compare_with"]) if config.get("compare_with") else "")
         + " 2> {log}"

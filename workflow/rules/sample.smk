@@ -29,6 +29,7 @@ rule sample_part:
     input:
         model=MODEL,
         plan=PLAN,
+        autoencoder=AUTOENCODER,  # latent models: decodes the sampled latents
     output:
         part=f"{SAMPLES}/{{sampler}}/part-{{part}}.h5",
         nifti=directory(f"{SAMPLES}/{{sampler}}/nifti-{{part}}"),
@@ -48,6 +49,7 @@ rule sample_part:
         "brainddpm sample --config-json {params.cfg:q} --checkpoint {input.model} --sampler {wildcards.sampler} "
         "--part {params.part} --out {output.part} --nifti-dir {output.nifti} --sheet {output.sheet}"
         + (" --plan {input.plan}" if CONDITIONED else "")
+        + (" --autoencoder {input.autoencoder}" if LATENT else "")
         + " 2> {log}"
 
 

@@ -12,7 +12,7 @@ if config["launch"]["executor"] == "slurm":
 
 rule train:
     input:
-        index=f"{R}/shards/train/index.json",
+        index=TRAIN_INDEX,  # the image shards, or for latent diffusion the latent shards (latent.smk)
     output:
         model=protected(MODEL),  # hours of GPU time: never deleted or overwritten by a rerun
         info=f"{TRAIN_DIR}/train.json",

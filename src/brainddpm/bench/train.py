@@ -31,6 +31,7 @@ from brainddpm.config import performance_section
 from brainddpm.device import resolve_performance
 from brainddpm.models.diffusion import build_model, build_scheduler, diffusion_loss, use_low_precision_norms
 from brainddpm.training.engine import Engine, RunPlan, ema_decay_at, ema_update
+from brainddpm.training.objectives import DiffusionObjective
 from brainddpm.training.perf import (
     autocast,
     device_name,
@@ -72,7 +73,7 @@ def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3
         scheduler = build_scheduler(cfg["scheduler"])
         plan = RunPlan(batch, 1, 1, steps, warmup + steps, use_bf16(train_cfg["precision"], device))
         flops = flops_per_sample(net, target_shape, device, plan.bf16, scheduler.num_train_timesteps)
-        engine = Engine(train_cfg, plan, runtime, net, scheduler, performance)
+        engine = Engine(train_cfg, plan, runtime, net, DiffusionObjective(scheduler), performance)
         x = torch.rand(batch, 1, *target_shape, device=device)
         generator = torch.Generator(device=device).manual_seed(0)
         averaged = {k: v.detach().clone().float() for k, v in net.state_dict().items()} if ema else None

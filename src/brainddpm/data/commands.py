@@ -12,7 +12,7 @@ def cmd_demo_cohort(args) -> None:
     from brainddpm.data.demo import write_cohort
 
     paths = write_cohort(args.n, args.seed, args.out, mosaic=args.mosaic, progress=sys.stderr.isatty(),
-                         ventricle_growth_mm=args.ventricle_growth_mm)
+                         ventricle_growth_mm=args.ventricle_growth_mm, patient_fraction=args.patient_fraction)
     log.info("wrote %d synthetic volumes and participants.tsv to %s", len(paths), args.out)
 
 
@@ -50,6 +50,9 @@ def add_commands(sub) -> None:
     p.add_argument("--mosaic", type=Path, help="also write a PNG mosaic of the first subjects")
     p.add_argument("--ventricle-growth-mm", type=float, default=0.0,
                    help="lateral ventricles grow by this many mm from age 20 to 85 (default: 0, no such effect)")
+    p.add_argument("--patient-fraction", type=float, default=0.0,
+                   help="add a diagnosis column: this fraction of the subjects (e.g. 0.2) are patients with "
+                        "frontotemporal atrophy and wider ventricles (default: 0, no diagnosis column)")
     p.set_defaults(func=cmd_demo_cohort)
 
     p = sub.add_parser("manifest", help="find and check input images; write manifest.tsv and excluded.tsv",

@@ -12,6 +12,14 @@ resolves. `ventricle_growth_mm` (0 by default, which leaves the cohort as it alw
 unmistakable age effect for the conditioning demo: the lateral ventricles (template CSF deep inside
 the brain) grow by that many millimetres between age 20 and 85, linearly, in every direction.
 
+`patient_fraction` (0 by default, which again leaves the cohort as it was) adds a `diagnosis` column for
+the utility demo: that fraction of the subjects (drawn from a random stream of its own, so ages, sexes
+and anatomies stay those of the default cohort) are "patient", the rest "control". A patient carries a
+morphological signature that the 24x32x24 demo grid resolves, scaled by a per-patient severity in
+[0.5, 1]: frontal and temporal cortex lost from the surface inwards (up to `PATIENT_ATROPHY_MM`, 8 mm) and
+lateral ventricles widened on every side (up to `PATIENT_VENTRICLE_MM`, 5 mm, so 10 mm across): hundreds of
+the demo's 7 mm voxels change.
+
 These volumes are synthetic: they exist to exercise the pipeline, not to train a useful model.
 """
 
@@ -26,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from brainddpm.data.nifti import grid_affine
+from brainddpm.errors import ConfigError
 from brainddpm.fileio import atomic_path
 
 _TEMPLATE_DIR = "datasets/data"
@@ -37,6 +46,8 @@ _TEMPLATES = {
 GRID_SHAPE = (181, 217, 181)
 GRID_ORIGIN = (-90.0, -126.0, -72.0)
 DATASETS = ("siteA", "siteB", "siteC")
+PATIENT_ATROPHY_MM = 8.0  # frontal/temporal cortex lost by the most severe patient (depth from the surface)
+PATIENT_VENTRICLE_MM = 5.0  # lateral ventricle widening of the most severe patient
 
 
 def load_templates() -> dict[str, np.ndarray]:
@@ -95,6 +106,27 @@ def enlarge_ventricles(templates: dict, distance: np.ndarray, csf: float, grow_m
     return {"t1": templates["t1"] * (1 - m) + csf * m, "gm": templates["gm"] * (1 - m), "wm": templates["wm"] * (1 - m)}
 
 
+def _frontotemporal_weight() -> np.ndarray:
+    """Where a patient's cortex thins, in [0, 1] on the grid: the frontal lobes (MNI y above about 0 mm)
+    and the temporal lobes (lateral, below the Sylvian fissure), with soft edges of a few mm."""
+    def ramp(v, edge, width):
+        return 1.0 / (1.0 + np.exp(-(v - edge) / width))
+
+    x, y, z = (np.arange(s, dtype=np.float32) + o for s, o in zip(GRID_SHAPE, GRID_ORIGIN))
+    x, y, z = np.meshgrid(x, y, z, indexing="ij", sparse=True)
+    frontal = ramp(y, 0.0, 5.0)
+    temporal = ramp(np.abs(x), 32.0, 4.0) * ramp(-z, 5.0, 4.0) * ramp(y, -60.0, 6.0)
+    return np.maximum(frontal, temporal).astype(np.float32)
+
+
+def atrophy_cortex(templates: dict, depth: np.ndarray, loss_mm: np.ndarray) -> dict:
+    """Templates whose brain surface retreats by `loss_mm` (per voxel): voxels less deep than that become
+    background, as skull-stripped atrophy shows. `depth` is each voxel's distance (mm) to outside the brain;
+    the edge is one voxel soft."""
+    keep = np.clip(depth - loss_mm + 0.5, 0.0, 1.0).astype(np.float32)
+    return {key: value * keep for key, value in templates.items()}
+
+
 def make_subject(templates: dict, ventricles: np.ndarray, rng: np.random.Generator, atrophy: float,
                  anatomy_seed: int) -> np.ndarray:
     """One synthetic skull-stripped T1 volume (float32, background exactly 0)."""
@@ -121,8 +153,12 @@ def _ventricle_mask(templates: dict) -> np.ndarray:
     return csf & (depth > 20)
 
 
-def plan_cohort(n: int, seed: int) -> list[dict]:
-    """Subjects and sessions for n volumes: ~20% of subjects have two sessions; datasets round-robin."""
+def plan_cohort(n: int, seed: int, patient_fraction: float = 0.0) -> list[dict]:
+    """Subjects and sessions for n volumes: ~20% of subjects have two sessions; datasets round-robin.
+
+    `patient_fraction` > 0: that fraction of the subjects (rounded, at least one) gets diagnosis "patient"
+    with a severity in [0.5, 1], the others "control"; drawn from a stream of its own, so that every other
+    column is the same as without it."""
     rng = np.random.default_rng(seed)
     rows, subject = [], 0
     while len(rows) < n:
@@ -137,28 +173,52 @@ def plan_cohort(n: int, seed: int) -> list[dict]:
                 "dataset": DATASETS[(subject - 1) % len(DATASETS)],
                 "age": round(age + 2 * s, 1), "sex": sex, "anatomy_seed": anatomy_seed,
             })
+    if patient_fraction > 0:
+        _assign_diagnosis(rows, seed, patient_fraction)
     return rows
 
 
+def _assign_diagnosis(rows: list[dict], seed: int, patient_fraction: float) -> None:
+    """Add diagnosis and severity to the rows of a plan, per subject (the sessions of a subject agree)."""
+    if not 0 < patient_fraction < 1:
+        raise ConfigError(f"demo patient fraction must lie between 0 and 1, not {patient_fraction}")
+    subjects = list(dict.fromkeys(r["subject"] for r in rows))
+    rng = np.random.default_rng([seed, 20])  # a stream of its own: the default columns stay as they were
+    count = max(1, round(patient_fraction * len(subjects)))
+    patients = {subjects[i]: float(rng.uniform(0.5, 1.0))
+                for i in sorted(rng.choice(len(subjects), size=count, replace=False))}
+    for r in rows:
+        r["diagnosis"] = "patient" if r["subject"] in patients else "control"
+        r["severity"] = round(patients.get(r["subject"], 0.0), 3)
+
+
 def write_cohort(n: int, seed: int, out: Path, mosaic: Path | None = None, progress: bool = True,
-                 ventricle_growth_mm: float = 0.0) -> list[Path]:
-    """Write the cohort below `out` as {dataset}/sub-*/ses-*/anat/sub-*_ses-*_T1w.nii.gz + participants.tsv."""
+                 ventricle_growth_mm: float = 0.0, patient_fraction: float = 0.0) -> list[Path]:
+    """Write the cohort below `out` as {dataset}/sub-*/ses-*/anat/sub-*_ses-*_T1w.nii.gz + participants.tsv.
+
+    `patient_fraction` > 0 adds the diagnosis column and the patients' signature (module docstring)."""
     from scipy import ndimage
     from tqdm import tqdm
 
     out = Path(out)
     templates = load_templates()
     ventricles = _ventricle_mask(templates)
-    distance = ndimage.distance_transform_edt(~ventricles) if ventricle_growth_mm > 0 else None
+    patients = patient_fraction > 0
+    distance = ndimage.distance_transform_edt(~ventricles) if ventricle_growth_mm > 0 or patients else None
+    depth = ndimage.distance_transform_edt(templates["t1"] > 0.02) if patients else None
+    weight = _frontotemporal_weight() if patients else None
     csf = float(np.median(templates["t1"][ventricles]))  # the ventricles' own T1 value, for enlarge_ventricles
     affine = grid_affine(GRID_SHAPE, (1.0, 1.0, 1.0), GRID_ORIGIN)
-    plan = plan_cohort(n, seed)
+    plan = plan_cohort(n, seed, patient_fraction)
     paths = []
     for i, row in enumerate(tqdm(plan, desc="demo cohort", unit="vol", disable=not progress)):
         rng = np.random.default_rng([seed, i])
         atrophy = 0.1 + 0.35 * (row["age"] - 20) / 65  # ventricles grow with age
-        grown = enlarge_ventricles(templates, distance, csf, ventricle_growth_mm * (row["age"] - 20) / 65) \
-            if distance is not None else templates
+        severity = row.get("severity", 0.0)
+        grow_mm = ventricle_growth_mm * (row["age"] - 20) / 65 + PATIENT_VENTRICLE_MM * severity
+        grown = enlarge_ventricles(templates, distance, csf, grow_mm) if distance is not None else templates
+        if severity > 0:
+            grown = atrophy_cortex(grown, depth, PATIENT_ATROPHY_MM * severity * weight)
         img = make_subject(grown, ventricles, rng, atrophy, row["anatomy_seed"])
         scaled = np.round(img / max(img.max(), 1e-6) * 1000).astype(np.int16)
         nii = nib.Nifti1Image(scaled, affine)
@@ -181,9 +241,12 @@ def _write_participants(plan: list[dict], path: Path) -> None:
     tmp = path.with_suffix(".tsv.tmp")
     with open(tmp, "w", newline="") as fh:
         w = csv.writer(fh, delimiter="\t", lineterminator="\n")
-        w.writerow(["participant_id", "session_id", "dataset", "age", "sex", "synthetic"])
+        diagnosis = any("diagnosis" in r for r in plan)  # the column exists only when asked for
+        w.writerow(["participant_id", "session_id", "dataset", "age", "sex"] + ["diagnosis"] * diagnosis
+                   + ["synthetic"])
         for r in plan:
-            w.writerow([r["subject"], r["session"], r["dataset"], r["age"], r["sex"], "yes"])
+            w.writerow([r["subject"], r["session"], r["dataset"], r["age"], r["sex"]]
+                       + [r.get("diagnosis")] * diagnosis + ["yes"])
     tmp.replace(path)
 
 

@@ -22,7 +22,7 @@ from brainddpm.data.manifest import (
     write_tsv,
 )
 from brainddpm.data.nifti import load_mask, preprocess, target_affine
-from brainddpm.data.shards import open_shard, shard_summary, write_index, write_shard
+from brainddpm.data.shards import open_shard, shard_latent, shard_summary, write_index, write_shard
 from brainddpm.errors import BadInputError
 from brainddpm.fileio import sha256_file
 
@@ -110,11 +110,17 @@ def run_shard(cfg: dict, splits_path: Path, split: str, index: int, out: Path) -
 
 
 def run_index(split: str, shard_paths: list[Path], out: Path) -> dict:
-    summaries, excluded = [], []
+    """index.json of a split's shards, image or latent (whose scale factor and autoencoder must agree)."""
+    summaries, excluded, latents = [], [], {}
     for p in sorted(shard_paths):
         summaries.append(shard_summary(p))
         with open_shard(p) as f:
             excluded += json.loads(f.attrs.get("excluded", "[]"))
-    index = write_index(split, summaries, out, excluded)
+        latents[p] = shard_latent(p)
+    kinds = {json.dumps(v, sort_keys=True) for v in latents.values()}
+    if len(kinds) > 1:
+        raise BadInputError(out, "its shards disagree on what they hold (images, or latents of different "
+                            f"autoencoders or scale factors): {', '.join(f'{p}: {v}' for p, v in latents.items())}")
+    index = write_index(split, summaries, out, excluded, latent=next(iter(latents.values()), None))
     log.info("%s: %d volumes in %d shards", split, index["n_volumes"], len(summaries))
     return index

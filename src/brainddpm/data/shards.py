@@ -130,13 +130,14 @@ def check_volume(path, index: int, vol: np.ndarray, expected: str) -> None:
         raise BadInputError(path, f"volume {index} does not match its stored checksum (corrupt shard)")
 
 
-def write_index(split: str, summaries: list[dict], path, excluded: list[dict] = ()) -> dict:
-    """index.json for one split: shards, counts, checksums."""
+def write_index(split: str, summaries: list[dict], path, excluded: list[dict] = (), latent: dict | None = None) -> dict:
+    """index.json for one split: shards, counts, checksums; for latent shards their `latent` description."""
     index = {
         "split": split, "code_version": __version__,
         "n_volumes": sum(s["count"] for s in summaries),
         "n_subjects": len({sub for s in summaries for sub in s["subjects"]}),
         "shards": summaries, "excluded": list(excluded),
+        **({"latent": latent} if latent else {}),
     }
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(index, indent=1))
@@ -165,3 +166,34 @@ def training_split(shards_dir) -> Path:
     if (shards_dir / "index.json").exists() or not (shards_dir / "train").is_dir():
         return shards_dir
     return shards_dir / "train"
+
+
+# ---- latent shards (written by the encoding stage): the same layout, with kind "latents" ----
+def shard_latent(path) -> dict | None:
+    """A latent shard's description (scale factor, autoencoder, image and latent shapes); None for images."""
+    with open_shard(path) as f:
+        if f.attrs.get("kind") != "latents":
+            return None
+        return {"scale_factor": float(f.attrs["scale_factor"]), "autoencoder_sha256": str(f.attrs["autoencoder_sha256"]),
+                "image_shape": json.loads(f.attrs["image_shape"]), "latent_shape": json.loads(f.attrs["latent_shape"])}
+
+
+def latent_info(split_dir) -> dict | None:
+    """The `latent` entry of a split's index.json (None for image shards), checked against every shard: a
+    shard written with another scale factor or autoencoder than the index says is refused, naming both."""
+    split_dir = Path(split_dir)
+    index_path = split_dir / "index.json"
+    index = json.loads(index_path.read_text())
+    latent = index.get("latent")
+    if latent is None:
+        return None
+    for entry in index["shards"]:
+        found = shard_latent(split_dir / entry["file"])
+        if found is None:
+            raise BadInputError(split_dir / entry["file"], f"is not a latent shard, but {index_path} lists it as one")
+        for key in ("scale_factor", "autoencoder_sha256"):
+            if found[key] != latent[key]:
+                raise BadInputError(split_dir / entry["file"], f"has latent {key} {found[key]}, but {index_path} "
+                                    f"says {latent[key]}: the shards were encoded by different autoencoders; "
+                                    "encode them again")
+    return latent

@@ -248,3 +248,21 @@ def gather(point: dict[str, float], chunks: list[dict], level: float = 0.95) -> 
         result[name] = {"value": float(value), "ci_low": float(lo), "ci_high": float(hi),
                         "n_boot": int(len(vals))}
     return result
+
+
+def subject_means_ci(values: dict[str, np.ndarray], subjects: list[str], n_boot: int, seed: int,
+                     level: float = 0.95) -> dict[str, dict]:
+    """Mean of per-volume values with a percentile interval from resampling *subjects* with replacement
+    (every session of a drawn subject comes with it): name -> {value, ci_low, ci_high, n_boot}."""
+    names = sorted(set(subjects))
+    rows = {s: np.array([i for i, t in enumerate(subjects) if t == s]) for s in names}
+    q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+    draws = [np.concatenate([rows[names[k]] for k in np.random.default_rng([seed, b]).integers(0, len(names),
+                                                                                               len(names))])
+             for b in range(n_boot)]
+    result = {}
+    for name, vals in values.items():
+        vals = np.asarray(vals, dtype=np.float64)
+        lo, hi = np.percentile([vals[d].mean() for d in draws], q)
+        result[name] = {"value": float(vals.mean()), "ci_low": float(lo), "ci_high": float(hi), "n_boot": n_boot}
+    return result

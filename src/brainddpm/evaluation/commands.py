@@ -55,6 +55,15 @@ def cmd_fetch_weights(args) -> None:
     download_weights(args.url, args.out)
 
 
+def cmd_reconstruction(args) -> None:
+    from brainddpm.config import eval_seed
+    from brainddpm.evaluation.reconstruction import run_reconstruction
+
+    cfg = load_args_config(args)
+    run_reconstruction(args.autoencoder, args.real, cfg.get("decode"), eval_seed(cfg), cfg["evaluate"]["bootstrap"],
+                       args.out, args.png, args.device)
+
+
 def cmd_report(args) -> None:
     from brainddpm.evaluation.report import write_report
 
@@ -67,7 +76,7 @@ def cmd_report(args) -> None:
             raise BrainDDPMError("give one --conditioning file per --samplers entry")
         conditioning = dict(zip(args.samplers, args.conditioning))
     write_report(dict(zip(args.samplers, args.metrics)), args.memorization, args.train, args.real, parts,
-                 args.run_dir, args.out, conditioning)
+                 args.run_dir, args.out, conditioning, reconstruction=args.reconstruction, compare=args.compare)
 
 
 def add_commands(sub) -> None:
@@ -115,6 +124,18 @@ def add_commands(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output conditioning.json")
     p.set_defaults(func=cmd_condition_check)
 
+    p = sub.add_parser("reconstruction", help="latent diffusion: how well the autoencoder reconstructs validation volumes",
+                       description="Encode and decode every validation volume as sampling decodes a latent (the "
+                                   "`decode` section); PSNR, SSIM and MAE per volume, means with subject-level "
+                                   "bootstrap 95%% CIs (evaluate.bootstrap resamples): the latent model's ceiling.")
+    config_args(p)
+    p.add_argument("--autoencoder", type=Path, required=True, help="autoencoder.safetensors (train-autoencoder)")
+    p.add_argument("--real", type=Path, required=True, help="validation split folder (image shards)")
+    p.add_argument("--out", type=Path, required=True, help="output reconstruction.json")
+    p.add_argument("--png", type=Path, help="output figure: validation volumes and their reconstructions")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: a free GPU, else CPU")
+    p.set_defaults(func=cmd_reconstruction)
+
     p = sub.add_parser("fetch-fid-weights", help="download MedicalNet weights (login node; needs internet)")
     p.add_argument("--url", required=True, help="where to download them from (evaluate.fid.url)")
     p.add_argument("--out", type=Path, required=True,
@@ -132,4 +153,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--conditioning", type=Path, nargs="+",
                    help="conditional models: conditioning.json per sampler, same order as --samplers")
+    p.add_argument("--reconstruction", type=Path, help="latent models: reconstruction.json of `reconstruction`")
+    p.add_argument("--compare", type=Path,
+                   help="another run's report/metrics.json, shown beside this run's (e.g. the pixel demo's)")
     p.set_defaults(func=cmd_report)

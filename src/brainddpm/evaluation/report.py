@@ -66,7 +66,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def write_metrics_files(metrics_by_sampler: dict, memo: dict, out: Path) -> None:
+def write_metrics_files(metrics_by_sampler: dict, memo: dict, out: Path, shape: tuple[int, ...] | None = None) -> None:
     header = ["", "MMD (95% CI)", "FID (95% CI)", "MS-SSIM (95% CI)"]
     with atomic_path(out / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
@@ -75,7 +75,8 @@ def write_metrics_files(metrics_by_sampler: dict, memo: dict, out: Path) -> None
             for name, e in doc["metrics"].items():
                 w.writerow([sampler, name, e["value"], e["ci_low"], e["ci_high"], e["n_real"], e["n_synthetic"],
                             e["definition"]])
-    payload = {"samplers": metrics_by_sampler, "memorization": memo, "table": [header, *study_table(metrics_by_sampler)]}
+    payload = {"samplers": metrics_by_sampler, "memorization": memo,
+               "table": [header, *study_table(metrics_by_sampler)], **({"shape": list(shape)} if shape else {})}
     with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(payload, indent=1))
 
@@ -212,9 +213,11 @@ def plot_strata(parts: list[Path], png: Path, per_stratum: int = 4) -> None:
 
 def write_report(metric_files: dict[str, Path], memo_path: Path, train_dir: Path, val_dir: Path,
                  sample_parts: dict[str, list[Path]], run_dir: Path, out: Path,
-                 conditioning_files: dict[str, Path] | None = None) -> Path:
+                 conditioning_files: dict[str, Path] | None = None, reconstruction: Path | None = None,
+                 compare: Path | None = None) -> Path:
     """Assemble results/report/: report.md, metrics.{md,csv,json}, loss.png, slices.png, ci.png, memorization.png,
-    and for a conditional model strata-<sampler>.png."""
+    for a conditional model strata-<sampler>.png, for a latent model reconstruction.png (from `reconstruction`,
+    its figure copied beside it); `compare`: another run's metrics.json, tabulated beside this run's."""
     from brainddpm.evaluation.evaluate import select_synthetic
 
     out = Path(out)
@@ -224,7 +227,8 @@ def write_report(metric_files: dict[str, Path], memo_path: Path, train_dir: Path
     train_info = json.loads((Path(run_dir) / "train.json").read_text())
     with atomic_path(out / "loss.png") as tmp:
         shutil.copyfile(Path(run_dir) / "loss.png", tmp)
-    write_metrics_files(metrics_by_sampler, memo, out)
+    first_part = Path(next(iter(sample_parts.values()))[0])
+    write_metrics_files(metrics_by_sampler, memo, out, _part_grid(first_part)[1])
     plot_ci(metrics_by_sampler, out / "ci.png")
     real, _, _ = read_volumes(split_files(val_dir))
     syn = {s: select_synthetic(parts, 10**9)[0] for s, parts in sample_parts.items()}
@@ -244,12 +248,58 @@ def write_report(metric_files: dict[str, Path], memo_path: Path, train_dir: Path
             plot_strata(sample_parts[sampler], out / f"strata-{sampler}.png")
             section += [f"![synthetic volumes per stratum, {sampler}](strata-{sampler}.png)", ""]
         text = text + "\n" + "\n".join(section)
-    first_part = Path(next(iter(sample_parts.values()))[0])
+    if reconstruction is not None:
+        text = text + "\n" + reconstruction_markdown(json.loads(Path(reconstruction).read_text()))
+        figure = Path(reconstruction).with_suffix(".png")
+        if figure.is_file():
+            with atomic_path(out / "reconstruction.png") as tmp:
+                shutil.copyfile(figure, tmp)
+    if compare is not None:
+        text = text + "\n" + comparison_markdown(metrics_by_sampler, _part_grid(first_part)[1], compare)
     text = text + "\n" + grid_markdown(*_part_grid(first_part), folder=f"{first_part.parent.parent}/<sampler>/nifti-*/")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(text)
     write_html(text, out, out / "report.html")
     return out / "report.md"
+
+
+def reconstruction_markdown(doc: dict) -> str:
+    """The autoencoder's section: how well it reconstructs unseen volumes, the latent model's ceiling."""
+    m = doc["metrics"]
+    roi = doc["decode"].get("roi")
+    decode = f"windows of {'x'.join(map(str, roi))} latent voxels, Gaussian blending" if roi else "whole volume"
+    rows = [[name.upper(), fmt(m[name], 2 if name == "psnr" else 4), doc["definitions"][name]]
+            for name in ("psnr", "ssim", "mae")]
+    return "\n".join([
+        "## Reconstruction (autoencoder of the latent model)", "",
+        f"Each of the {doc['n']} validation volumes ({doc['n_subjects']} subjects) encoded and decoded exactly as a "
+        f"sampled latent is decoded ({decode}; "
+        f"latent scale factor {doc['scale_factor']:.4f}); 95% intervals from resampling subjects. Synthetic volumes "
+        "cannot be more faithful than this: it bounds what the latent diffusion model can reach.", "",
+        _md_table(["metric", "mean [95% CI]", "definition"], rows), "",
+        "![validation volumes and their reconstructions](reconstruction.png)", ""])
+
+
+def comparison_markdown(metrics_by_sampler: dict, shape: tuple[int, ...], other_path: Path) -> str:
+    """This run's headline figures beside another run's (e.g. the pixel demo's), each at its own resolution."""
+    other_path = Path(other_path)
+    header = ["run", "shape", "MMD (95% CI)", "real-halves floor", "MS-SSIM synthetic", "MS-SSIM real"]
+    if not other_path.is_file():
+        return "\n".join(["## Compared with another run", "", f"{other_path} does not exist (yet): run that "
+                           "pipeline (e.g. `make demo`) and rerun the report to see its figures here.", ""])
+    other = json.loads(other_path.read_text())
+
+    def rows(label: str, by_sampler: dict, grid) -> list[list[str]]:
+        size = "x".join(map(str, grid)) if grid else "–"
+        return [[f"{label} ({s})", size] + [fmt(d["metrics"].get(k), 4) for k in (
+            "mmd_monai_generative", "floor_mmd_monai_generative", "msssim_synthetic", "msssim_real")]
+            for s, d in by_sampler.items()]
+
+    table = _md_table(header, rows("this run", metrics_by_sampler, shape) +
+                      rows(str(other_path), other["samplers"], other.get("shape")))
+    return "\n".join(["## Compared with another run", "", "Each run is measured at its own resolution, against "
+                       "its own validation volumes: the floor column says what 'as good as real' is at each.", "",
+                       table, ""])
 
 
 def _part_grid(part: Path) -> tuple[np.ndarray, tuple[int, ...]]:

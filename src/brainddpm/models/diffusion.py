@@ -15,8 +15,9 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 
-def build_model(model_cfg: dict, context_dim: int | None = None) -> DiffusionModelUNet:
-    """MONAI DiffusionModelUNet for single-channel 3D volumes, from the `model` config section.
+def build_model(model_cfg: dict, context_dim: int | None = None, channels: int = 1) -> DiffusionModelUNet:
+    """MONAI DiffusionModelUNet for 3D volumes of `channels` channels in and out (1 for images, the
+    autoencoder's latent channels for latent diffusion), from the `model` config section.
 
     With `context_dim` (a conditional model, conditioning.py) MONAI's own conditioning is switched on:
     `with_conditioning=True` and `cross_attention_dim=context_dim`, so every attention level (and the
@@ -26,16 +27,16 @@ def build_model(model_cfg: dict, context_dim: int | None = None) -> DiffusionMod
     without attention. The middle block of the UNet always has self-attention over the last level's
     channels, so it must divide `channels[-1]` even when `attention_levels[-1]` is false.
     """
-    channels = list(model_cfg["channels"])
+    levels = list(model_cfg["channels"])
     heads = int(model_cfg["num_head_channels"])
     return DiffusionModelUNet(
         spatial_dims=3,
-        in_channels=1,
-        out_channels=1,
-        channels=channels,
+        in_channels=channels,
+        out_channels=channels,
+        channels=levels,
         attention_levels=list(model_cfg["attention_levels"]),
         num_res_blocks=int(model_cfg["num_res_blocks"]),
-        num_head_channels=[heads] * len(channels),
+        num_head_channels=[heads] * len(levels),
         norm_num_groups=int(model_cfg["norm_num_groups"]),
         use_flash_attention=bool(model_cfg.get("use_flash_attention", False)),
         **({"with_conditioning": True, "cross_attention_dim": int(context_dim)} if context_dim else {}),
@@ -76,10 +77,11 @@ def use_low_precision_norms(net: torch.nn.Module) -> int:
     return count
 
 
-def _schedule_args(sched_cfg: dict) -> dict:
-    # the data live in [0, 1] (data stage): clip the predicted x0 there, not to MONAI's default [-1, 1]
+def _schedule_args(sched_cfg: dict, clip: bool = True) -> dict:
+    # images live in [0, 1] (data stage): clip the predicted x0 there, not to MONAI's default [-1, 1];
+    # latents are unbounded (clip=False)
     args = {"num_train_timesteps": int(sched_cfg["num_train_timesteps"]), "schedule": sched_cfg["schedule"],
-            "clip_sample": True, "clip_sample_min": 0.0, "clip_sample_max": 1.0,
+            "clip_sample": clip, "clip_sample_min": 0.0, "clip_sample_max": 1.0,
             # models saved before prediction_type was configurable predicted the noise
             "prediction_type": sched_cfg.get("prediction_type", "epsilon")}
     if sched_cfg["schedule"] != "cosine":  # MONAI's cosine schedule takes no beta range
@@ -87,14 +89,15 @@ def _schedule_args(sched_cfg: dict) -> dict:
     return args
 
 
-def build_scheduler(sched_cfg: dict) -> DDPMScheduler:
-    """MONAI DDPMScheduler (noise-prediction, the reference study's sampler) from the `scheduler` section."""
-    return DDPMScheduler(**_schedule_args(sched_cfg))
+def build_scheduler(sched_cfg: dict, clip: bool = True) -> DDPMScheduler:
+    """MONAI DDPMScheduler (noise-prediction, the reference study's sampler) from the `scheduler` section;
+    `clip`: clip the predicted clean volume to [0, 1] (images; not latents)."""
+    return DDPMScheduler(**_schedule_args(sched_cfg, clip))
 
 
-def build_ddim(sched_cfg: dict, steps: int) -> DDIMScheduler:
+def build_ddim(sched_cfg: dict, steps: int, clip: bool = True) -> DDIMScheduler:
     """MONAI DDIMScheduler with the same betas as `build_scheduler`, set to `steps` inference steps."""
-    ddim = DDIMScheduler(**_schedule_args(sched_cfg))
+    ddim = DDIMScheduler(**_schedule_args(sched_cfg, clip))
     ddim.set_timesteps(int(steps))
     return ddim
 

@@ -53,13 +53,17 @@ def read_final(path: Path, tensors: bool = True) -> tuple[dict, dict[str, torch.
 def load_final(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the trained network from ``model.safetensors`` alone: (model in eval mode, config dict).
 
-    The config dict holds "model", "scheduler" and "data" (target_shape, affine, intensity_range), for a
-    conditional model "condition" (the covariate encoding, models/conditioning.py), plus "code_version" and
+    The config dict holds "model", "scheduler" and "data" (target_shape, affine, intensity_range; for a latent
+    model also latent_shape, scale_factor and autoencoder_sha256), for a conditional
+    model "condition" (the covariate encoding, models/conditioning.py), plus "code_version" and
     "step" from the file's metadata.
     """
     config, weights = read_final(path)
+    if config.get("kind") == "autoencoder":
+        raise CheckpointError(f"{path}: is an autoencoder, not a diffusion model (train's model.safetensors)")
     context_dim = CovariateEncoding.from_dict(config["condition"]).dim if "condition" in config else None
-    model = build_model(config["model"], context_dim)
+    channels = config["data"].get("latent_shape", [1])[0]  # a latent model's in/out channels
+    model = build_model(config["model"], context_dim, channels)
     model.load_state_dict(weights, strict=True)
     return model.to(device).eval(), config
 

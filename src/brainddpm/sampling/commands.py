@@ -15,7 +15,7 @@ def cmd_sample(args) -> None:
 
     cfg = with_performance(load_args_config(args), args)
     run_sample(cfg["sample"], args.checkpoint, args.sampler, args.part, args.out, args.nifti_dir, args.sheet,
-               args.plan, performance_section(cfg))
+               args.plan, performance_section(cfg), args.autoencoder, cfg.get("decode"))
 
 
 def cmd_condition_plan(args) -> None:
@@ -56,6 +56,9 @@ def add_commands(sub) -> None:
     p.add_argument("--nifti-dir", type=Path, required=True, help="folder for one NIfTI per volume")
     p.add_argument("--sheet", type=Path, help="PNG contact sheet of the part")
     p.add_argument("--plan", type=Path, help="conditions.json of `condition-plan` (conditional models only)")
+    p.add_argument("--autoencoder", type=Path,
+                   help="latent models only: the autoencoder.safetensors whose latents trained the model (it decodes "
+                        "the sampled latents; the config's `decode` section says whole or by windows)")
     performance_args(p)
     p.set_defaults(func=cmd_sample)
 

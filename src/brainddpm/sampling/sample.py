@@ -24,8 +24,9 @@ import torch
 from brainddpm.data.nifti import grid_affine, save_volume
 from brainddpm.data.shards import write_shard
 from brainddpm.device import Performance, pick_device, resolve_performance
-from brainddpm.errors import BadInputError, BrainDDPMError, ConfigError
+from brainddpm.errors import BadInputError, BrainDDPMError, CheckpointError, ConfigError
 from brainddpm.fileio import atomic_path, sha256_file
+from brainddpm.models.autoencoder import decode_latents, load_autoencoder
 from brainddpm.models.conditioning import NULL_FILL, CovariateEncoding
 from brainddpm.models.diffusion import build_ddim, build_scheduler, use_low_precision_norms
 from brainddpm.models.final import load_final
@@ -60,16 +61,20 @@ def guided_output(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor
 
 @torch.no_grad()
 def denoise(model, scheduler, seeds: list[int], shape, device: torch.device, progress: bool = False,
-            context: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+            context: torch.Tensor | None = None, guidance_scale: float = 1.0, channels: int = 1,
+            clip: bool = True) -> torch.Tensor:
     """Run the reverse process for one batch; one generator per volume, so batching does not matter.
 
     The starting noise of volume i comes from a CPU generator seeded with seeds[i] (the same on any
     device); each DDPM step draws that volume's noise from its own generator on the model's device,
     seeded from (seeds[i], 1). A conditional model gets `context` ([B, 1, dim]) and `guidance_scale`.
+    `shape` is spatial; `channels` 1 for images (clipped to [0, 1] at the end), the latent channels for a
+    latent model (`clip` False: latents are unbounded).
     """
     from tqdm import tqdm
 
-    x = torch.stack([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    x = torch.stack([torch.randn((channels, *shape), generator=torch.Generator().manual_seed(int(s)))
+                     for s in seeds])
     x = x.to(device)
     context = None if context is None else context.to(device)
     # step noise from a stream derived from (seed, 1): never a copy of the starting noise
@@ -84,15 +89,16 @@ def denoise(model, scheduler, seeds: list[int], shape, device: torch.device, pro
         x = torch.cat([scheduler.step(eps[i:i + 1], int(t), x[i:i + 1], generator=g)[0] for i, g in enumerate(gens)])
         if not progress and (k + 1) % max(1, len(steps) // 10) == 0:
             log.info("step %d/%d", k + 1, len(steps))
-    return x.clamp_(0.0, 1.0).cpu()
+    return (x.clamp_(0.0, 1.0) if clip else x).cpu()
 
 
 def make_scheduler(config: dict, sampler: str, ddim_steps: int | None):
+    clip = "latent_shape" not in config["data"]  # images are clipped to [0, 1]; latents are not
     if sampler == "ddim":
         if ddim_steps is None:
             raise ConfigError("config key 'sample.ddim_steps': missing (the ddim sampler needs it)")
-        return build_ddim(config["scheduler"], ddim_steps)
-    sch = build_scheduler(config["scheduler"])
+        return build_ddim(config["scheduler"], ddim_steps, clip)
+    sch = build_scheduler(config["scheduler"], clip)
     sch.set_timesteps(sch.num_train_timesteps)
     return sch
 
@@ -140,22 +146,45 @@ class _EagerFallback(torch.nn.Module):
             return self.compiled(*args, **kwargs)
 
 
+def latent_decoder(config: dict, checkpoint: Path, autoencoder: Path | None, device: torch.device):
+    """For a latent diffusion model: the autoencoder that made its training latents, checked (None for a pixel
+    model). Another autoencoder file, or one with another scale factor, is refused, naming both files."""
+    if "latent_shape" not in config["data"]:
+        return None
+    if autoencoder is None:
+        raise BadInputError(checkpoint, "a latent diffusion model: sampling needs its autoencoder (--autoencoder)")
+    decoder, ae_config = load_autoencoder(autoencoder, device)
+    data = config["data"]
+    if ae_config["sha256"] != data["autoencoder_sha256"]:
+        raise CheckpointError(f"{autoencoder} (sha256 {ae_config['sha256'][:12]}) is not the autoencoder whose latents "
+                              f"trained {checkpoint} (sha256 {data['autoencoder_sha256'][:12]}): another run or shape")
+    if ae_config["scale_factor"] != data["scale_factor"]:
+        raise CheckpointError(f"latent scale factor {ae_config['scale_factor']} of {autoencoder} differs from the "
+                              f"{data['scale_factor']} that {checkpoint} was trained with")
+    return decoder
+
+
 def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out: Path, nifti_dir: Path,
-               sheet: Path | None = None, plan_path: Path | None = None, performance: dict | None = None) -> dict:
+               sheet: Path | None = None, plan_path: Path | None = None, performance: dict | None = None,
+               autoencoder: Path | None = None, decode_cfg: dict | None = None) -> dict:
     """Sample the volumes of job `part`; write them as an HDF5 part, one NIfTI each, and a contact sheet.
 
     A conditional model samples volume i with the covariates the plan gives it (classifier-free guided with
     the plan's guidance scale); they are stored with the volume (HDF5 and a JSON sidecar next to its NIfTI).
+    A latent model samples latents, which `autoencoder` decodes (models/autoencoder.decode_latents: the scale
+    undone, whole or by `decode_cfg.roi` windows) to volumes on the image grid.
     `performance`: the config's `performance` section (device.resolve_performance: on a GPU, `auto`
     compiles the network; never on a CPU unless asked).
     """
     device = pick_device(sample_cfg["device"])
     model, config = load_final(checkpoint, device)
     model = fast_model(model, resolve_performance(performance, device))
+    decoder = latent_decoder(config, checkpoint, autoencoder, device)
     encoding, plan = conditions_for(config, plan_path, checkpoint)
     if plan and len(plan["volumes"]) != sample_cfg["n"]:
         raise BadInputError(plan_path, f"plans {len(plan['volumes'])} volumes, sample.n is {sample_cfg['n']}")
     shape = tuple(config["data"]["target_shape"])
+    noise_shape = tuple(config["data"].get("latent_shape", (1, *shape)))
     affine = np.asarray(config["data"]["affine"], dtype=np.float64)
     scheduler = make_scheduler(config, sampler, sample_cfg.get("ddim_steps"))
     batches = part_batches(sample_cfg["n"], sample_cfg["batch"], sample_cfg["jobs"], part)
@@ -166,8 +195,10 @@ def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out:
         seeds = [sample_cfg["base_seed"] + i for i in batch]
         requested = [plan["volumes"][i] for i in batch] if encoding else []
         context = torch.from_numpy(encoding.vectors([r["covariates"] for r in requested])) if encoding else None
-        x = denoise(model, scheduler, seeds, shape, device, progress=sys.stderr.isatty(), context=context,
-                    guidance_scale=plan.get("guidance_scale", 1.0))
+        x = denoise(model, scheduler, seeds, noise_shape[1:], device, progress=sys.stderr.isatty(), context=context,
+                    guidance_scale=plan.get("guidance_scale", 1.0), channels=noise_shape[0], clip=decoder is None)
+        if decoder is not None:
+            x = decode_latents(decoder, x.to(device), config["data"]["scale_factor"], shape, decode_cfg).cpu()
         for k, (i, vol) in enumerate(zip(batch, x.numpy())):
             vols.append(vol[0])
             meta.append({"subject": f"synthetic-{i:04d}", "session": f"seed-{sample_cfg['base_seed'] + i}",

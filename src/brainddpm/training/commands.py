@@ -1,4 +1,4 @@
-"""The training stage's subcommand: train (the rule of train.smk)."""
+"""The training stage's subcommands: train and train-autoencoder (the rules of train.smk and latent.smk)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,48 @@ from pathlib import Path
 from brainddpm.commandline import config_args, load_args_config, log, performance_args, with_performance
 
 
-def cmd_train(args) -> None:
+def _training_config(args) -> dict:
     from brainddpm.config import validate_config
-    from brainddpm.training.launch import run_training
 
     cfg = load_args_config(args)
     if args.launch_json:  # the workflow passes `launch` apart: where a job runs does not retrain a model
         cfg = validate_config({**cfg, "launch": json.loads(args.launch_json)}, partial=True)
-    info = run_training(with_performance(cfg, args), args.shards, args.out)
+    return with_performance(cfg, args)
+
+
+def cmd_train(args) -> None:
+    from brainddpm.training.launch import run_training
+
+    info = run_training(_training_config(args), args.shards, args.out)
     log.info("training finished: %s steps, final loss %s", info.get("steps"), info.get("final_loss"))
+
+
+def cmd_train_autoencoder(args) -> None:
+    from brainddpm.config import autoencoder_training
+    from brainddpm.training.launch import run_training
+
+    info = run_training(autoencoder_training(_training_config(args)), args.shards, args.out, kind="autoencoder")
+    log.info("autoencoder training finished: %s steps, final loss %s", info.get("steps"), info.get("final_loss"))
+
+
+def cmd_fetch_perceptual_weights(args) -> None:
+    from monai.losses import PerceptualLoss
+
+    from brainddpm.fileio import atomic_path
+
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    PerceptualLoss(spatial_dims=3, network_type=args.network, is_fake_3d=False, cache_dir=str(args.cache_dir))
+    with atomic_path(args.marker) as tmp:  # torch.hub wrote the network's code and weights: say so for the rule
+        tmp.write_text(f"{args.network}\n")
+    log.info("%s is in %s (torch.hub cache); training jobs read it from there", args.network, args.cache_dir)
+
+
+def _launch_args(p) -> None:
+    config_args(p)
+    p.add_argument("--launch-json", metavar="JSON",
+                   help="the `launch` section as JSON, apart from --config-json (the workflow passes it as a "
+                        "resource, so that changing where the job runs does not retrain a finished model)")
+    performance_args(p)
 
 
 def add_commands(sub) -> None:
@@ -24,11 +57,28 @@ def add_commands(sub) -> None:
                        description="Train the 3D DDPM on the training shards with DeepSpeed (or DDP), through "
                                    "submitit: a SLURM job (launch.executor: slurm), local processes (local) or this "
                                    "process (inprocess). Resumes from the latest checkpoint in OUT.")
-    config_args(p)
-    p.add_argument("--launch-json", metavar="JSON",
-                   help="the `launch` section as JSON, apart from --config-json (the workflow passes it as a "
-                        "resource, so that changing where the job runs does not retrain a finished model)")
-    performance_args(p)
-    p.add_argument("--shards", type=Path, required=True, help="training split folder (with index.json)")
+    _launch_args(p)
+    p.add_argument("--shards", type=Path, required=True,
+                   help="training split folder (with index.json): image shards, or latent shards for model.kind: "
+                        "latent")
     p.add_argument("--out", type=Path, required=True, help="run folder, e.g. results/train/reference")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("train-autoencoder", help="train the autoencoder of latent diffusion (model.kind: latent)",
+                       description="Train MONAI's AutoencoderKL (the `autoencoder` section: L1 + KL, optional "
+                                   "adversarial and perceptual losses, whole volumes or random patches) on the "
+                                   "training image shards, with the same engine, backends, launcher, checkpoints and "
+                                   "resume as "
+                                   "`train`; autoencoder.train overrides train.* for it. Writes OUT/autoencoder."
+                                   "safetensors, which holds the latent scale factor (1/std of the training latents).")
+    _launch_args(p)
+    p.add_argument("--shards", type=Path, required=True, help="training split folder of the image shards")
+    p.add_argument("--out", type=Path, required=True, help="run folder, e.g. results/autoencoder/reference")
+    p.set_defaults(func=cmd_train_autoencoder)
+    p = sub.add_parser("fetch-perceptual-weights", help="download the perceptual loss's network (needs internet)",
+                       description="Fetch MONAI's 3D MedicalNet network for the autoencoder's perceptual loss into a "
+                                   "torch.hub cache folder (autoencoder.perceptual.cache_dir), where training jobs, "
+                                   "which never download, read it. Run it on a login node.")
+    p.add_argument("--network", default="medicalnet_resnet10_23datasets", help="autoencoder.perceptual.network")
+    p.add_argument("--cache-dir", type=Path, required=True, help="autoencoder.perceptual.cache_dir")
+    p.add_argument("--marker", type=Path, required=True, help="file written once the network is there")
+    p.set_defaults(func=cmd_fetch_perceptual_weights)

@@ -36,13 +36,13 @@ from dataclasses import dataclass
 
 import torch
 import torch._dynamo.config as dynamo_config
-from monai.networks.schedulers import DDPMScheduler
 from torch.nn.parallel import DistributedDataParallel
 
 from brainddpm.config import check_channels_last
 from brainddpm.device import EAGER, Performance
 from brainddpm.errors import ConfigError
-from brainddpm.models.diffusion import diffusion_loss, use_low_precision_norms
+from brainddpm.models.diffusion import use_low_precision_norms
+from brainddpm.training.objectives import Discriminator
 from brainddpm.training.perf import autocast, use_bf16
 from brainddpm.training.runtime import Runtime
 
@@ -122,12 +122,15 @@ def deepspeed_config(train_cfg: dict, plan: RunPlan) -> dict:
 
 class Engine:
     """One backend behind one interface: `micro_step` runs the forward and backward of one micro-batch and,
-    at an accumulation boundary, clips and steps the optimizer. `net` is the bare UNet (whose weights are
-    saved and averaged), `optimizer` the object whose state is checkpointed."""
+    at an accumulation boundary, clips and steps the optimizer. `net` is the bare network (diffusion UNet or
+    autoencoder: whose weights are saved and averaged), `objective` its loss (objectives.py), `optimizer` the
+    object whose state is checkpointed. An adversarial loss's `discriminator` (with its own optimizer) is
+    carried here too, and stepped after each micro-step of the main network."""
 
     def __init__(self, train_cfg: dict, plan: RunPlan, runtime: Runtime, net: torch.nn.Module,
-                 scheduler: DDPMScheduler, performance: Performance = EAGER) -> None:
-        self.backend, self.plan, self.net, self.scheduler = train_cfg["backend"], plan, net, scheduler
+                 objective, performance: Performance = EAGER, discriminator: Discriminator | None = None) -> None:
+        self.backend, self.plan, self.net, self.objective = train_cfg["backend"], plan, net, objective
+        self.discriminator = discriminator
         self.grad_clip, self.performance = train_cfg["grad_clip"], performance
         self.accelerator: object | None = None
         self.ddp: DistributedDataParallel | None = None
@@ -180,21 +183,26 @@ class Engine:
             self.model = torch.compile(self.model, backend=self.performance.compile_backend, **kwargs)
 
     def micro_step(self, x: torch.Tensor, generator: torch.Generator, boundary: bool,
-                   context: torch.Tensor | None = None, drop_prob: float = 0.0) -> torch.Tensor:
+                   context: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
         """Loss of one micro-batch (detached); the optimizer steps when `boundary`.
 
-        `context`: the micro-batch's condition vectors (a conditional model), dropped with `drop_prob`."""
+        `context`: the micro-batch's condition vectors (a conditional model); `step`: optimizer steps done
+        (an adversarial loss starts at a given step)."""
         if self.performance.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         if self.performance.compile:
             with dynamo_config.patch(suppress_errors=True):  # a graph that fails to compile runs eagerly
-                return self._micro_step(x, generator, boundary, context, drop_prob)
-        return self._micro_step(x, generator, boundary, context, drop_prob)
+                loss = self._micro_step(x, generator, boundary, context, step)
+        else:
+            loss = self._micro_step(x, generator, boundary, context, step)
+        if self.discriminator is not None and self.discriminator.active(step):
+            self.discriminator.micro_step(*self.objective.last_pair, boundary)
+        return loss
 
     def _micro_step(self, x: torch.Tensor, generator: torch.Generator, boundary: bool,
-                    context: torch.Tensor | None, drop_prob: float) -> torch.Tensor:
+                    context: torch.Tensor | None, step: int) -> torch.Tensor:
         def loss_of_batch() -> torch.Tensor:
-            return diffusion_loss(self.model, self.scheduler, x, generator, context, drop_prob)
+            return self.objective(self.model, x, context, generator, step)
 
         if self.backend == "deepspeed":  # the engine autocasts, scales by 1/accumulation, clips and steps
             loss = loss_of_batch()

@@ -128,13 +128,13 @@ def visible_gpus() -> tuple[int, ...]:
 class TrainJob(submitit.helpers.Checkpointable):
     """What every task of the job runs; on preemption/timeout submitit calls `checkpoint` (rank 0)."""
 
-    def __init__(self, cfg: dict, shards_dir: Path, out_dir: Path) -> None:
-        self.cfg, self.shards_dir, self.out_dir = cfg, str(shards_dir), str(out_dir)
+    def __init__(self, cfg: dict, shards_dir: Path, out_dir: Path, kind: str = "diffusion") -> None:
+        self.cfg, self.shards_dir, self.out_dir, self.kind = cfg, str(shards_dir), str(out_dir), kind
 
     def __call__(self) -> dict:
         # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; every GPU of the node stays visible (see runtime.setup_runtime)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        return train(self.cfg, Path(self.shards_dir), Path(self.out_dir))
+        return train(self.cfg, Path(self.shards_dir), Path(self.out_dir), getattr(self, "kind", "diffusion"))
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission | None:
         """Requeue (the loop has just written a checkpoint, or the latest periodic one is used).
@@ -158,13 +158,13 @@ def _log_paths(job: submitit.Job) -> str:
     return "\n".join(f"  {p.stdout}\n  {p.stderr}" for p in paths)
 
 
-def submit_training(cfg: dict, shards_dir: Path, out_dir: Path) -> submitit.Job:
+def submit_training(cfg: dict, shards_dir: Path, out_dir: Path, kind: str = "diffusion") -> submitit.Job:
     """Check the config, then submit the training job (local or slurm executor); returns the job."""
     check_launch(cfg, shards_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_requeues(out_dir, {**read_requeues(out_dir), "submission": 0})
-    job = make_executor(cfg, out_dir).submit(TrainJob(cfg, Path(shards_dir).resolve(), out_dir.resolve()))
+    job = make_executor(cfg, out_dir).submit(TrainJob(cfg, Path(shards_dir).resolve(), out_dir.resolve(), kind))
     print(f"submitted training job {job.job_id} ({cfg['launch']['executor']}); logs:\n{_log_paths(job)}",
           file=sys.stderr, flush=True)
     return job
@@ -190,7 +190,7 @@ def slurm_job_state(job_id: str) -> str | None:
     return states[0] if states else None
 
 
-def submit_or_attach(cfg: dict, shards_dir: Path, out_dir: Path) -> submitit.Job:
+def submit_or_attach(cfg: dict, shards_dir: Path, out_dir: Path, kind: str = "diffusion") -> submitit.Job:
     """The run's training job: the one recorded in out_dir/job.json while SLURM still runs or queues it,
     else a new submission (recorded there).
 
@@ -212,7 +212,7 @@ def submit_or_attach(cfg: dict, shards_dir: Path, out_dir: Path) -> submitit.Job
                 print(f"attaching to training job {job.job_id} ({state}, submitted {record['submitted']}); "
                       f"logs:\n{_log_paths(job)}", file=sys.stderr, flush=True)
                 return job
-        job = submit_training(cfg, shards_dir, out_dir)
+        job = submit_training(cfg, shards_dir, out_dir, kind)
         tasks = cfg["launch"]["nodes"] * tasks_per_node(cfg["launch"])
         with atomic_path(record_path) as tmp:
             tmp.write_text(json.dumps({"executor": cfg["launch"]["executor"], "job_id": str(job.job_id),
@@ -281,9 +281,10 @@ def wait_training(job: submitit.Job, squeue_every_s: float = 30.0, grace_s: floa
             watcher.close()
 
 
-def run_training(cfg: dict, shards_dir: Path, out_dir: Path) -> dict:
-    """Train according to launch.executor and wait; returns train.json's content. Reruns resume."""
+def run_training(cfg: dict, shards_dir: Path, out_dir: Path, kind: str = "diffusion") -> dict:
+    """Train the `kind` of model (diffusion or autoencoder, tasks.py) according to launch.executor and wait;
+    returns train.json's content. Reruns resume."""
     if cfg["launch"]["executor"] == "inprocess":
         check_launch(cfg, shards_dir)
-        return train(cfg, Path(shards_dir), Path(out_dir))
-    return wait_training(submit_or_attach(cfg, shards_dir, out_dir), out_dir=out_dir)
+        return train(cfg, Path(shards_dir), Path(out_dir), kind)
+    return wait_training(submit_or_attach(cfg, shards_dir, out_dir, kind), out_dir=out_dir)

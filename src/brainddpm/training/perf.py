@@ -10,6 +10,7 @@ on TF32 tensor cores by default). MFU is None on CPUs and on GPUs not in the tab
 from __future__ import annotations
 
 import resource
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -57,16 +58,26 @@ def autocast(device: torch.device, bf16: bool):
 
 def flops_per_sample(model: torch.nn.Module, shape, device: torch.device, bf16: bool,
                      num_train_timesteps: int = 1000, context_dim: int | None = None) -> int:
-    """FLOPs of one training forward+backward for one volume of `shape` (D, H, W). Leaves no gradients.
+    """FLOPs of one training forward+backward of a diffusion UNet for one volume of `shape` (D, H, W).
 
     `context_dim`: a conditional model's covariate vector length (its forward needs a `context`)."""
-    x = torch.rand(1, 1, *shape, device=device)
-    t = torch.randint(0, num_train_timesteps, (1,), device=device)
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        t = torch.randint(0, num_train_timesteps, (1,), device=device)
+        kwargs = {"context": torch.zeros(1, 1, context_dim, device=device)} if context_dim else {}
+        return model(x, timesteps=t, **kwargs)
+
+    return count_flops(forward, model, [1, *shape], device, bf16)
+
+
+def count_flops(forward: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module, shape, device: torch.device,
+                bf16: bool) -> int:
+    """FLOPs of `forward` on one input of `shape` (C, D, H, W) and of its backward (torch's FlopCounterMode).
+    Leaves no gradients in `model`."""
+    x = torch.rand(1, *shape, device=device)
     counter = FlopCounterMode(display=False)
     with counter:
         with autocast(device, bf16):
-            kwargs = {"context": torch.zeros(1, 1, context_dim, device=device)} if context_dim else {}
-            out = model(x, timesteps=t, **kwargs)
+            out = forward(x)
         out.float().square().mean().backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())

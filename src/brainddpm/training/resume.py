@@ -18,6 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,6 @@ import torch.distributed as dist
 from brainddpm.config import is_conditioned
 from brainddpm.errors import CheckpointError
 from brainddpm.fileio import atomic_path
-from brainddpm.models.conditioning import CovariateEncoding
 from brainddpm.models.final import save_final
 from brainddpm.training import checkpoint as ckpt
 from brainddpm.training.engine import Engine
@@ -51,15 +51,17 @@ RESULT_KEYS = ("lr", "betas", "weight_decay", "ema_decay", "grad_clip", "backend
 
 
 def restore_checkpoint(path: Path, cfg: dict, runtime: Runtime, engine: Engine, ema: dict[str, torch.Tensor],
-            generator: torch.Generator, index_sha: str, progress: Progress) -> None:
-    """Load a checkpoint into the model, EMA, optimizer, this rank's RNGs and `progress`.
+                       generator: torch.Generator, index_sha: str, progress: Progress,
+                       sections: tuple[str, ...] = ("model", "scheduler", "seed")) -> None:
+    """Load a checkpoint into the model, EMA, optimizer (and discriminator), this rank's RNGs and `progress`.
 
     Only the budget (epochs, max_steps) and bookkeeping may change between a checkpoint and its resume:
-    another model, schedule, seed, optimiser setting or training set would silently mix two runs.
+    another model (the config `sections` of the task), schedule, seed, optimiser setting or training set would
+    silently mix two runs.
     """
     meta = ckpt.read_meta(path)
     old = meta["config"]
-    changed = [s for s in ("model", "scheduler", "seed") if old[s] != cfg[s]]
+    changed = [s for s in sections if _section(old, s) != _section(cfg, s)]
     if old.get("condition") != cfg.get("condition") and (is_conditioned(old) or is_conditioned(cfg)):
         changed.append("condition")
     changed += [f"train.{k}" for k in RESULT_KEYS if old["train"][k] != cfg["train"][k]]
@@ -83,6 +85,10 @@ def restore_checkpoint(path: Path, cfg: dict, runtime: Runtime, engine: Engine, 
         ema[k].copy_(v)
     optimizer_file = ckpt.rank_file("optimizer", runtime.rank) if partitioned else "optimizer.pt"
     ckpt.load_optimizer_state(engine.optimizer, ckpt.load_file(path / optimizer_file))
+    if engine.discriminator is not None:
+        if not (path / "discriminator.pt").exists():
+            raise CheckpointError(f"{path} holds no discriminator: it was trained without the adversarial loss")
+        engine.discriminator.load_state_dict(ckpt.load_file(path / "discriminator.pt"))
     rng_file = path / ckpt.rank_file("rng", runtime.rank)
     if rng_file.exists():
         ckpt.set_rng_state(ckpt.load_file(rng_file), generator)
@@ -90,6 +96,14 @@ def restore_checkpoint(path: Path, cfg: dict, runtime: Runtime, engine: Engine, 
         log.info("resumed from %s (step %d)", path, meta["step"])
     progress.step = progress.resumed_from = meta["step"]
     progress.wall_before_s, progress.last_loss = meta["wall_time_s"], meta.get("final_loss")
+
+
+def _section(cfg: dict, name: str):
+    """A config section as resuming compares it: the autoencoder's `train` overrides are compared as train.*."""
+    value = cfg.get(name)
+    if name == "autoencoder" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "train"}
+    return value
 
 
 def stop_after_checkpoint(stop: StopSignal, runtime: Runtime, step: int, ckpt_root: Path) -> None:
@@ -104,8 +118,9 @@ def stop_after_checkpoint(stop: StopSignal, runtime: Runtime, step: int, ckpt_ro
 
 
 def write_outputs(cfg: dict, out_dir: Path, runtime: Runtime, net: torch.nn.Module, ema: dict[str, torch.Tensor],
-            data_meta: dict, summary: dict, encoding: CovariateEncoding | None) -> dict:
-    """Write model.safetensors, loss.png and train.json (rank 0); return train.json's content."""
+                  summary: dict, output: str, final_config: Callable[[dict], dict]) -> dict:
+    """Write the final weights (`output`, with `final_config(ema)` as their config), loss.png and train.json
+    (rank 0); return train.json's content."""
     digests = [weights_digest(net)]
     if runtime.world_size > 1:
         digests = [None] * runtime.world_size
@@ -122,10 +137,7 @@ def write_outputs(cfg: dict, out_dir: Path, runtime: Runtime, net: torch.nn.Modu
         "weights_sha256": digests,
     }
     if runtime.rank == 0:
-        final_cfg = {"model": cfg["model"], "scheduler": cfg["scheduler"], "data": data_meta}
-        if encoding is not None:  # sampling needs nothing but this file
-            final_cfg["condition"] = {**encoding.to_dict(), "drop_prob": cfg["condition"]["drop_prob"]}
-        save_final(out_dir / "model.safetensors", ema, final_cfg, summary["steps"])
+        save_final(out_dir / output, ema, final_config(ema), summary["steps"])
         with atomic_path(out_dir / "loss.csv") as tmp:
             shutil.copyfile(out_dir / "checkpoints" / "loss.csv", tmp)
         plot_loss(out_dir / "loss.csv", out_dir / "loss.png")

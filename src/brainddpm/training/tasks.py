@@ -1,0 +1,163 @@
+"""What one training run trains: the network, its objective and what its final file holds.
+
+The loop (loop.py) and the engine are the same for every model; a `Task` is the part that differs:
+
+* "diffusion": MONAI's DiffusionModelUNet on image shards (the pixel DDPM of the study) or on latent shards
+  (latent diffusion: the UNet takes the autoencoder's latent channels, and the final file records the
+  latent shape, the scale factor and which autoencoder made the latents). Conditioning works on both.
+* "autoencoder": MONAI's AutoencoderKL on image shards, with the optional discriminator and perceptual
+  loss; its final file holds the latent scale factor, computed over the training split at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from brainddpm.config import is_conditioned, is_latent
+from brainddpm.data.dataset import ShardDataset
+from brainddpm.errors import BadInputError, ConfigError
+from brainddpm.models.autoencoder import build_autoencoder, encode_volumes
+from brainddpm.models.conditioning import CovariateEncoding, fit_encoding
+from brainddpm.models.diffusion import build_model, build_scheduler
+from brainddpm.training.engine import RunPlan
+from brainddpm.training.objectives import AutoencoderObjective, DiffusionObjective, Discriminator, perceptual_loss
+from brainddpm.training.perf import count_flops, peak_flops
+from brainddpm.training.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+KINDS = ("diffusion", "autoencoder")
+
+
+@dataclass
+class Task:
+    """The run's network (bare, on its device), its objective and its final file."""
+    kind: str
+    net: torch.nn.Module
+    objective: Callable
+    output: str  # the final weights' file name in the run folder
+    compared_sections: tuple[str, ...]  # config sections a checkpoint must share to be resumed
+    final_config: Callable[[dict], dict]  # EMA weights -> the final file's config (called on rank 0 only)
+    flops: int | None = None
+    discriminator: Discriminator | None = None
+    encoding: CovariateEncoding | None = field(default=None)
+
+
+def build_task(kind: str, cfg: dict, dataset: ShardDataset, split: Path, data_meta: dict, runtime: Runtime,
+               plan: RunPlan) -> Task:
+    if kind == "autoencoder":
+        return autoencoder_task(cfg, dataset, data_meta, runtime, plan)
+    return diffusion_task(cfg, dataset, split, data_meta, runtime, plan)
+
+
+def _check_data_kind(cfg: dict, data_meta: dict, split: Path, kind: str) -> None:
+    latent_data = "latent_shape" in data_meta
+    if kind == "autoencoder":
+        if latent_data:
+            raise BadInputError(split / "index.json", "holds latents; the autoencoder trains on image shards")
+        return
+    if latent_data != is_latent(cfg):
+        what = "latents" if latent_data else "image volumes"
+        raise BadInputError(split / "index.json", f"holds {what}, but config key 'model.kind' is "
+                            f"{cfg['model'].get('kind', 'pixel')}: train a latent model on the latent shards "
+                            "(results/latents/...) and a pixel model on the image shards")
+
+
+def diffusion_task(cfg: dict, dataset: ShardDataset, split: Path, data_meta: dict, runtime: Runtime,
+                   plan: RunPlan) -> Task:
+    _check_data_kind(cfg, data_meta, split, "diffusion")
+    encoding = condition_dataset(cfg, dataset, split)
+    context_dim = encoding.dim if encoding else None
+    shape = data_meta.get("latent_shape") or [1, *data_meta["target_shape"]]
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
+    net = build_model(cfg["model"], context_dim, channels=shape[0]).to(runtime.device).train()
+    scheduler = build_scheduler(cfg["scheduler"])
+    drop_prob = cfg["condition"]["drop_prob"] if encoding else 0.0
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        t = torch.randint(0, scheduler.num_train_timesteps, (1,), device=x.device)
+        kwargs = {"context": torch.zeros(1, 1, context_dim, device=x.device)} if context_dim else {}
+        return net(x, timesteps=t, **kwargs)
+
+    def final_config(ema: dict) -> dict:
+        config = {"model": cfg["model"], "scheduler": cfg["scheduler"], "data": data_meta}
+        if encoding is not None:  # sampling needs nothing but this file
+            config["condition"] = {**encoding.to_dict(), "drop_prob": cfg["condition"]["drop_prob"]}
+        return config
+
+    flops = count_flops(forward, net, shape, runtime.device, plan.bf16) if peak_flops(runtime.device) else None
+    return Task("diffusion", net, DiffusionObjective(scheduler, drop_prob), "model.safetensors",
+                ("model", "scheduler", "seed"), final_config, flops, encoding=encoding)
+
+
+def autoencoder_task(cfg: dict, dataset: ShardDataset, data_meta: dict, runtime: Runtime, plan: RunPlan) -> Task:
+    ae_cfg = cfg["autoencoder"]
+    split = Path(dataset.files[0]).parent
+    _check_data_kind(cfg, data_meta, split, "autoencoder")
+    if ae_cfg.get("patch") and any(p > s for p, s in zip(ae_cfg["patch"], data_meta["target_shape"])):
+        raise ConfigError(f"config key 'autoencoder.patch': {ae_cfg['patch']} is larger than the volumes "
+                          f"({data_meta['target_shape']}) of {split}")
+    torch.manual_seed(cfg["seed"])
+    net = build_autoencoder(ae_cfg).to(runtime.device).train()
+    adversarial = ae_cfg["adversarial"]
+    discriminator = None
+    if adversarial["weight"] > 0:
+        discriminator = Discriminator(adversarial, cfg["train"], runtime.device, plan.bf16,
+                                      plan.gradient_accumulation_steps, runtime.world_size)
+    perceptual = perceptual_loss(ae_cfg["perceptual"]).to(runtime.device) if ae_cfg["perceptual"]["weight"] > 0 \
+        else None
+    objective = AutoencoderObjective(ae_cfg, discriminator, perceptual)
+
+    def final_config(ema: dict) -> dict:
+        scale = latent_scale_factor(ema, ae_cfg, dataset, runtime.device)
+        return {"kind": "autoencoder", "autoencoder": ae_cfg, "data": data_meta, "scale_factor": scale}
+
+    example = list(ae_cfg["patch"]) if ae_cfg.get("patch") else data_meta["target_shape"]
+    flops = count_flops(lambda x: net(objective.inputs(x, torch.Generator(x.device)))[0], net, [1, *example],
+                        runtime.device, plan.bf16) if peak_flops(runtime.device) else None
+    return Task("autoencoder", net, objective, "autoencoder.safetensors", ("autoencoder", "seed"), final_config,
+                flops, discriminator)
+
+
+@torch.no_grad()
+def latent_scale_factor(ema: dict, ae_cfg: dict, dataset: ShardDataset, device: torch.device) -> float:
+    """1 / std of the training split's latents (posterior means, every value of every volume), under the
+    exported (EMA) weights: the factor that gives the diffusion model unit-variance inputs."""
+    autoencoder = build_autoencoder(ae_cfg)
+    autoencoder.load_state_dict({k: v.to(torch.float32) for k, v in ema.items()})
+    autoencoder = autoencoder.to(device).eval()
+    total, total_sq, count = 0.0, 0.0, 0
+    for i in range(len(dataset)):
+        item = dataset[i]
+        x = (item[0] if isinstance(item, tuple) else item)[None].to(device)
+        z = encode_volumes(autoencoder, x, ae_cfg).double()
+        total, total_sq, count = total + float(z.sum()), total_sq + float(z.square().sum()), count + z.numel()
+    mean = total / count
+    std = float(np.sqrt(max(total_sq / count - mean * mean, 1e-12)))
+    log.info("latent scale factor 1/std = %.5f over %d training volumes", 1.0 / std, len(dataset))
+    return 1.0 / std
+
+
+def condition_dataset(cfg: dict, dataset: ShardDataset, split: Path) -> CovariateEncoding | None:
+    """For a conditional run: fit the covariate encoding on the training split and attach each volume's
+    condition vector to `dataset`; None for an unconditional run (nothing changes)."""
+    if not is_conditioned(cfg):
+        return None
+    if any("covariates" not in m for m in dataset.meta):
+        raise BadInputError(split / "index.json", "the training shards hold no covariates: they were written "
+                            "without condition.covariates; rerun the data stage with this config")
+    covariates = [m["covariates"] for m in dataset.meta]
+    encoding = fit_encoding(cfg["condition"], covariates, source=str(split / "index.json"))
+    dataset.conditions = encoding.vectors(covariates)
+    log.info("conditioning on %s (vector of %d, drop probability %.2f)", ", ".join(encoding.names), encoding.dim,
+             cfg["condition"]["drop_prob"])
+    for name in encoding.names:
+        have = sum(1 for c in covariates if c.get(name) is not None)
+        log.info("covariate %s: %d of %d training volumes have a value", name, have, len(covariates))
+    return encoding

@@ -1,0 +1,117 @@
+# Latent diffusion (model.kind: latent): image shards -> autoencoder -> latent shards (one job per shard)
+# -> `train` on them (train.smk); sampling decodes (sample.smk); `reconstruction` measures the autoencoder.
+# Nothing here exists for a pixel model (the default).
+
+if LATENT:
+
+    PERCEPTUAL = config["autoencoder"]["perceptual"]
+    # the perceptual loss's network, fetched where there is internet (a login node); [] when unused
+    PERCEPTUAL_READY = f"{PERCEPTUAL['cache_dir']}/.brainddpm-{PERCEPTUAL['network']}" if PERCEPTUAL["weight"] > 0 else []
+
+    def latent_files(wildcards):
+        """Latent shards of one split: one per image shard, known once the split checkpoint has run."""
+        return [f.replace(f"{R}/shards/", f"{LATENTS}/", 1) for f in shard_files(wildcards)]
+
+    localrules:
+        fetch_perceptual_weights,  # needs the internet: runs where Snakemake runs, never in a job
+
+    if config["launch"]["executor"] == "slurm":
+
+        localrules:
+            train_autoencoder,  # submits and watches its own submitit SLURM job, like `train`
+
+    rule fetch_perceptual_weights:
+        output:
+            PERCEPTUAL_READY or f"{R}/.unused-perceptual",
+        params:
+            network=PERCEPTUAL["network"],
+            cache=PERCEPTUAL["cache_dir"],
+        log:
+            f"{R}/logs/fetch_perceptual_weights.log",
+        conda:
+            "../envs/brainddpm.yaml"
+        shell:
+            "brainddpm fetch-perceptual-weights --network {params.network} --cache-dir {params.cache:q} "
+            "--marker {output} 2> {log}"
+
+    rule train_autoencoder:
+        input:
+            index=f"{R}/shards/train/index.json",
+            perceptual=PERCEPTUAL_READY,
+        output:
+            model=protected(AUTOENCODER),  # GPU hours, and every latent depends on it: never overwritten
+            info=f"{AUTOENCODER_DIR}/train.json",
+            loss=f"{AUTOENCODER_DIR}/loss.csv",
+            plot=report(f"{AUTOENCODER_DIR}/loss.png", caption="../report/loss.rst", category="Training"),
+        params:
+            cfg=autoencoder_config(),
+            shards=lambda wc, input: os.path.dirname(input.index),
+            out=lambda wc, output: os.path.dirname(output.model),
+        resources:
+            launch=dumps(config["launch"]),  # where the job runs: not a rerun trigger (see train.smk)
+        benchmark:
+            f"{R}/benchmarks/train/{RUN}-autoencoder.tsv"
+        log:
+            f"{R}/logs/train/{RUN}-autoencoder.log",
+        conda:
+            "../envs/brainddpm.yaml"
+        shell:
+            "brainddpm train-autoencoder --config-json {params.cfg:q} --launch-json {resources.launch:q} "
+            "--shards {params.shards} --out {params.out} 2> {log}"
+
+    rule encode:
+        input:
+            autoencoder=AUTOENCODER,
+            shard=f"{R}/shards/{{split}}/shard-{{i}}.h5",
+        output:
+            f"{LATENTS}/{{split}}/shard-{{i}}.h5",
+        resources:
+            gpu_jobs=1,  # not `gpu`: the SLURM plugin would turn that into --gpus (profiles set gres)
+        benchmark:
+            f"{R}/benchmarks/encode/{RUN}-{{split}}-{{i}}.tsv"
+        log:
+            f"{R}/logs/encode/{RUN}-{{split}}-{{i}}.log",
+        conda:
+            "../envs/brainddpm.yaml"
+        shell:
+            "brainddpm encode --autoencoder {input.autoencoder} --shard {input.shard} --out {output} 2> {log}"
+
+    rule latent_index:
+        input:
+            latent_files,
+        output:
+            f"{LATENTS}/{{split}}/index.json",
+        benchmark:
+            f"{R}/benchmarks/encode/{RUN}-{{split}}-index.tsv"
+        log:
+            f"{R}/logs/encode/{RUN}-{{split}}-index.log",
+        conda:
+            "../envs/brainddpm.yaml"
+        shell:
+            "brainddpm index --split {wildcards.split} --shards {input} --out {output} 2> {log}"
+
+    rule reconstruction:
+        input:
+            autoencoder=AUTOENCODER,
+            real=f"{R}/shards/val/index.json",
+        output:
+            json=f"{EVAL}/reconstruction.json",
+            png=f"{EVAL}/reconstruction.png",
+        params:
+            cfg=stage_config("seed", "evaluate", "decode"),
+            real=lambda wc, input: os.path.dirname(input.real),
+        resources:
+            gpu_jobs=1,
+        benchmark:
+            f"{R}/benchmarks/evaluate/{RUN}-reconstruction.tsv"
+        log:
+            f"{R}/logs/evaluate/{RUN}-reconstruction.log",
+        conda:
+            "../envs/brainddpm.yaml"
+        shell:
+            "brainddpm reconstruction --config-json {params.cfg:q} --autoencoder {input.autoencoder} "
+            "--real {params.real} --out {output.json} --png {output.png} 2> {log}"
+
+    rule encode_all:  # `snakemake encode_all`: the latent shards of both splits
+        input:
+            expand(f"{LATENTS}/{{split}}/index.json", split=["train", "val"]),
