@@ -50,3 +50,38 @@ def test_partial_config_checks_the_sections_present():
         validate_config({**part, "model": {**cfg["model"], "channels": [8, 8, 12]}}, partial=True)
     with pytest.raises(ConfigError, match="missing"):
         validate_config(part)  # a full config needs every section
+
+
+LATENT = {"model": {"kind": "latent"}, "data": {"target_shape": [20, 24, 20]},
+          "autoencoder": {"channels": [4, 8, 8], "norm_num_groups": 4, "attention_levels": [False] * 3,
+                          "pad_multiple": 16}}
+
+
+@pytest.mark.parametrize("override,key,says", [
+    ({"autoencoder": {"pad_multiple": 6}}, "autoencoder.pad_multiple", "compression factor 4"),
+    ({"autoencoder": {"pad_multiple": 8}}, "autoencoder.pad_multiple", "set pad_multiple to a multiple of 16"),
+    ({"autoencoder": {"patch": [16, 16, 10]}}, "autoencoder.patch", "divisible by the compression factor 4"),
+    ({"autoencoder": {"attention_levels": [False, False]}}, "autoencoder.attention_levels", "has 2 entries"),
+    ({"autoencoder": {"channels": [4, 8, 6]}}, "autoencoder.channels", "norm_num_groups=4"),
+    ({"autoencoder": {"train": {"epoch": 3}}}, "autoencoder.train.epoch", "unknown key"),
+    ({"autoencoder": {"train": {"lr": -1}}}, "autoencoder.train.lr", ""),
+    ({"model": {"kind": "latents"}}, "model.kind", ""),
+], ids=["pad-compression", "pad-unet", "patch", "attention", "groups", "train-key", "train-value", "kind"])
+def test_latent_config_errors_name_the_key(override, key, says):
+    cfg = deep_merge(base_config(), LATENT)
+    validate_config(cfg)  # the tiny latent config itself is valid: 20x24x20 -> padded 32^3 -> latents 8^3
+    with pytest.raises(ConfigError) as err:
+        validate_config(deep_merge(cfg, override))
+    assert f"config key '{key}'" in str(err.value) and says in str(err.value)
+
+
+def test_latent_model_needs_the_autoencoder_and_decode_sections():
+    cfg = deep_merge(base_config(), LATENT)
+    del cfg["decode"]
+    with pytest.raises(ConfigError, match="config key 'decode': missing"):
+        validate_config(cfg)
+
+
+def test_pixel_models_ignore_the_latent_sections():
+    cfg = deep_merge(base_config(), {"autoencoder": {"pad_multiple": 6}})  # wrong, but unused by a pixel model
+    assert validate_config(cfg)["model"]["kind"] == "pixel"

@@ -4,7 +4,7 @@ import os
 import sys
 
 from brainddpm.config import autoencoder_training, is_conditioned, is_latent
-from brainddpm.config import dumps, validate_config
+from brainddpm.config import dumps, utility_enabled, validate_config
 from brainddpm.errors import ConfigError
 from brainddpm.startup import check_datasets, check_launch_site, resolve_account, train_submission
 
@@ -30,6 +30,7 @@ DEMO_DIR = config["demo"]["out"]
 CONDITIONED = is_conditioned(config)  # condition.covariates set: a conditional model (CFG)
 LATENT = is_latent(config)  # model.kind: latent: autoencoder -> latent shards -> latent DDPM (latent.smk)
 DEMO_PARTICIPANTS = f"{DEMO_DIR}/participants.tsv" if config["demo"]["enabled"] else []
+UTILITY = utility_enabled(config)  # utility.enabled: the utility stage (utility.smk); off, nothing of it exists
 
 
 wildcard_constraints:
@@ -126,5 +127,57 @@ def report_targets():
     return [f"{R}/report/report.md"]
 
 
+# ---- utility stage (utility.enabled, utility.smk): does the synthetic data help? ----
+UTILITY_DIR = f"{R}/utility/{RUN}"
+UTILITY_JSON = f"{UTILITY_DIR}/utility.json"
+
+
+def utility_kind():
+    """categorical or continuous: utility.target_type, or (auto) the type of the target in condition.covariates."""
+    u = config["utility"]
+    types = {c["name"]: c["type"] for c in config["condition"]["covariates"]}
+    return types[u["target"]] if u.get("target_type", "auto") == "auto" else u["target_type"]
+
+
+def utility_arms():
+    from brainddpm.utility.arms import arm_names
+
+    return arm_names(config["utility"].get("ratios", [0.5, 1.0, 2.0]), utility_kind() == "categorical")
+
+
+def utility_sampler():
+    return config["utility"].get("sampler") or SAMPLERS[0]
+
+
+def utility_config(step, arm=None):
+    """JSON of the utility section as one step sees it: only the keys that change that step's result, so that
+    e.g. adding a ratio runs the new arm's parts only, and utility.bootstrap reruns the gather step only.
+    target_type is resolved (auto: the covariate's type), as the list of arms was."""
+    u = {k: v for k, v in config["utility"].items() if k not in ("enabled", "sampler")}
+    u["target_type"] = utility_kind()
+    if step == "part":
+        u = {k: v for k, v in u.items() if k not in ("two_sample", "bootstrap", "confidence")}
+        u["ratios"] = [float(arm.removeprefix("mix-"))] if arm.startswith("mix-") else []
+        if arm != "augmented":
+            u.pop("augment_ratio", None)
+    elif step == "two_sample":
+        u = {k: u[k] for k in ("cnn", "two_sample", "bootstrap", "confidence", "seed") if k in u}
+    return dumps(u)
+
+
+def utility_parts():
+    return [f"{UTILITY_DIR}/parts/{a}/repeat-{r}.json" for a in utility_arms()
+            for r in range(config["utility"].get("repeats", 5))]
+
+
+def two_sample_targets():
+    return [f"{UTILITY_DIR}/two-sample/{s}.json" for s in SAMPLERS]
+
+
+def utility_targets():
+    return [UTILITY_JSON] if UTILITY else []
+
+
 def all_targets():
-    return report_targets()
+    # latent diffusion: the validation split's latents too (the encoding stage writes both splits)
+    return report_targets() + ([f"{LATENTS}/val/index.json"] if LATENT else []) + utility_targets()
