@@ -2,6 +2,8 @@
 #   make demo   set up .venv and run the whole pipeline on the embedded synthetic demo cohort
 #   make test   set up .venv and run the test suite
 #   make demo-conditional   the demo with a model conditioned on age and sex (classifier-free guidance)
+#   make demo-latent        latent diffusion at twice the demo's resolution (autoencoder + latent DDPM)
+#   make demo-utility   a rare patient group: does adding synthetic patients help a patient-vs-control classifier?
 # GPU cluster: make install TORCH_INDEX=https://download.pytorch.org/whl/cu126  (see README; LEONARDO: envs/leonardo.sh)
 
 PYTHON       ?= python3
@@ -14,7 +16,7 @@ SNAKE_ARGS   ?=
 PYTEST_ARGS  ?=
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo demo-conditional test lint clean
+.PHONY: install demo demo-conditional demo-latent demo-utility test lint clean
 
 install: $(VENV)/.installed
 
@@ -33,9 +35,17 @@ demo: install
 	snakemake --profile $(PROFILE) --configfile config/config.yaml config/demo.yaml $(SNAKE_ARGS)
 	@echo "Report: results/demo/report/report.md  (HTML: make demo SNAKE_ARGS='--report results/demo/report.html')"
 
+demo-latent: install
+	snakemake --profile $(PROFILE) --configfile config/config.yaml config/demo.yaml config/demo-latent.yaml $(SNAKE_ARGS)
+	@echo "Report: results/demo-latent/report/report.md (sections 'Reconstruction' and 'Compared with another run')"
+
 demo-conditional: install
 	snakemake --profile $(PROFILE) --configfile config/config.yaml config/demo.yaml config/demo-conditional.yaml $(SNAKE_ARGS)
 	@echo "Report: results/demo-conditional/report/report.md (section 'Conditioning')"
+
+demo-utility: install
+	snakemake --profile $(PROFILE) --configfile config/config.yaml config/demo.yaml config/demo-utility.yaml $(SNAKE_ARGS)
+	@echo "Report: results/demo-utility/report/report.md (section 'Utility'); figures: results/demo-utility/utility/demo-utility/utility.json"
 
 test: install
 	pytest $(PYTEST_ARGS)
@@ -44,4 +54,4 @@ lint: install
 	snakemake --lint --configfile config/config.yaml config/demo.yaml
 
 clean:
-	rm -rf results/demo resources/demo results/demo-conditional resources/demo-conditional .snakemake
+	rm -rf results/demo resources/demo results/demo-conditional resources/demo-conditional results/demo-utility resources/demo-utility results/demo-latent .snakemake

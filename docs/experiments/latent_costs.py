@@ -79,6 +79,11 @@ def main() -> None:
         blocks = [ae.encoder, ae.decoder]
         key = f"autoencoder, whole volume {'x'.join(map(str, padded_shape(image, ae_cfg['pad_multiple'])))}"
         rows[key] = count(ae, lambda n, x: n(x)[0], (1, *padded_shape(image, ae_cfg["pad_multiple"])), blocks)
+        from brainddpm.models.autoencoder import build_discriminator
+
+        disc = build_discriminator(ae_cfg["adversarial"]).train()
+        rows[f"PatchDiscriminator ({ae_cfg['adversarial']['channels']}, {ae_cfg['adversarial']['layers']} layers), one "
+             "pass"] = count(disc, lambda n, x: n(x)[-1], (1, *padded_shape(image, ae_cfg["pad_multiple"])))
         z = latent_shape(ae_cfg, image)
         unet = build_model(cfg["model"], None, channels=z[0]).train()
         t = torch.zeros(1, dtype=torch.long, device="meta")

@@ -1,7 +1,8 @@
 """The `brainddpm` command: one subcommand per pipeline step.
 
 Each stage declares its own subcommands next to the code they call (`data/commands.py`,
-`training/commands.py`, `sampling/commands.py`, `evaluation/commands.py`, `bench/commands.py`); each
+`training/commands.py`, `encoding/commands.py`, `sampling/commands.py`, `evaluation/commands.py`,
+`utility/commands.py`, `bench/commands.py`); each
 subcommand parses its arguments and calls one library function, imported only when it runs. The
 Snakemake rules in workflow/rules/ call these subcommands. Configuration comes either from YAML files
 (`--config config/config.yaml config/demo.yaml`, merged in order and validated) or, from the

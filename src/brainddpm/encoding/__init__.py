@@ -1,4 +1,4 @@
-"""Stage 4 of latent diffusion, encoding: image shards -> latent shards, with the trained autoencoder.
+"""Stage 4, encoding (latent diffusion only): image shards -> latent shards, with the trained autoencoder.
 
 `encode` turns one image shard into one latent shard (the posterior mean of every volume, times the
 autoencoder's latent scale factor), with the image shard's metadata (subjects, covariates) carried over;
