@@ -90,8 +90,9 @@ def test_patch_larger_than_the_volumes_is_a_config_error(tmp_path):
 
 
 def test_latent_model_needs_latent_shards(tmp_path):
-    from brainddpm.errors import BadInputError
     from helpers import tiny_config
+
+    from brainddpm.errors import BadInputError
 
     shards = make_shards(tmp_path / "shards", n=4)
     cfg = tiny_config()
