@@ -45,13 +45,19 @@ def test_decoding_undoes_the_scale_factor():
 
 
 def test_sliding_window_decoding_covers_the_volume():
+    torch.manual_seed(0)
     ae = build_autoencoder(TINY_AUTOENCODER).eval()
     z = torch.randn(1, 2, 6, 4, 6)
     whole = decode_latents(ae, z, 1.0, (24, 16, 24))
+    one_window = decode_latents(ae, z, 1.0, (24, 16, 24), {"roi": [6, 4, 6], "overlap": 0.25, "sw_batch_size": 1})
+    assert torch.allclose(one_window, whole, atol=1e-5)  # a window as large as the latent is the whole decode
     windows = decode_latents(ae, z, 1.0, (24, 16, 24), {"roi": [4, 4, 4], "overlap": 0.5, "sw_batch_size": 2})
-    assert windows.shape == whole.shape
-    # windows see less context near their edges, so values differ a little, never wholesale
-    assert float((windows - whole).abs().mean()) < 0.5 * float(whole.std() + 1e-6) + 0.05
+    assert windows.shape == whole.shape and float(windows.std()) > 0.1 * float(whole.std())
+    # windows see less context near their edges, and GroupNorm normalises over a window, not the volume: the
+    # blend differs from the whole decode, yet follows it (an unrelated decode does not)
+    other = decode_latents(ae, torch.randn(1, 2, 6, 4, 6), 1.0, (24, 16, 24))
+    assert torch.corrcoef(torch.stack([windows.flatten(), whole.flatten()]))[0, 1] > 0.6
+    assert torch.corrcoef(torch.stack([other.flatten(), whole.flatten()]))[0, 1] < 0.6
 
 
 def _autoencoder_file(path, scale=2.0):

@@ -12,27 +12,29 @@ if LATENT:
         """Latent shards of one split: one per image shard, known once the split checkpoint has run."""
         return [f.replace(f"{R}/shards/", f"{LATENTS}/", 1) for f in shard_files(wildcards)]
 
-    localrules:
-        fetch_perceptual_weights,  # needs the internet: runs where Snakemake runs, never in a job
-
     if config["launch"]["executor"] == "slurm":
 
         localrules:
             train_autoencoder,  # submits and watches its own submitit SLURM job, like `train`
 
-    rule fetch_perceptual_weights:
-        output:
-            PERCEPTUAL_READY or f"{R}/.unused-perceptual",
-        params:
-            network=PERCEPTUAL["network"],
-            cache=PERCEPTUAL["cache_dir"],
-        log:
-            f"{R}/logs/fetch_perceptual_weights.log",
-        conda:
-            "../envs/brainddpm.yaml"
-        shell:
-            "brainddpm fetch-perceptual-weights --network {params.network} --cache-dir {params.cache:q} "
-            "--marker {output} 2> {log}"
+    if PERCEPTUAL_READY:
+
+        localrules:
+            fetch_perceptual_weights,  # needs the internet: runs where Snakemake runs, never in a job
+
+        rule fetch_perceptual_weights:
+            output:
+                PERCEPTUAL_READY,
+            params:
+                network=PERCEPTUAL["network"],
+                cache=PERCEPTUAL["cache_dir"],
+            log:
+                f"{R}/logs/fetch_perceptual_weights.log",
+            conda:
+                "../envs/brainddpm.yaml"
+            shell:
+                "brainddpm fetch-perceptual-weights --network {params.network} --cache-dir {params.cache:q} "
+                "--marker {output} 2> {log}"
 
     rule train_autoencoder:
         input:

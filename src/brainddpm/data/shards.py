@@ -174,6 +174,9 @@ def shard_latent(path) -> dict | None:
     with open_shard(path) as f:
         if f.attrs.get("kind") != "latents":
             return None
+        missing = [k for k in ("scale_factor", "autoencoder_sha256", "image_shape", "latent_shape") if k not in f.attrs]
+        if missing:
+            raise BadInputError(path, f"a latent shard without the attribute(s) {', '.join(missing)}: encode it again")
         return {"scale_factor": float(f.attrs["scale_factor"]), "autoencoder_sha256": str(f.attrs["autoencoder_sha256"]),
                 "image_shape": json.loads(f.attrs["image_shape"]), "latent_shape": json.loads(f.attrs["latent_shape"])}
 

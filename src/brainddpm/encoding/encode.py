@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def check_image_shape(autoencoder_path: Path, config: dict, shard: Path, shape) -> None:
-    """An autoencoder trained on volumes of another shape than `shard`'s is refused, naming both."""
+    """An autoencoder trained on volumes of another shape than `shard`'s is refused, naming both. (One of another
+    run with the same shape passes here; sampling refuses it by the sha256 the latent model records.)"""
     trained = list(config["data"]["target_shape"])
     if list(shape) != trained:
         raise BadInputError(shard, f"holds volumes of {list(shape)}, but the autoencoder {autoencoder_path} was "

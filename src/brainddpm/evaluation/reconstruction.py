@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainddpm.data.shards import read_volumes, split_files
+from brainddpm.data.shards import open_shard, read_meta, split_files
 from brainddpm.device import pick_device
 from brainddpm.encoding.encode import check_image_shape
 from brainddpm.evaluation.bootstrap import subject_means_ci
@@ -25,6 +25,7 @@ from brainddpm.models.autoencoder import decode_latents, encode_volumes, load_au
 
 log = logging.getLogger(__name__)
 
+FIGURE_VOLUMES = 3  # validation volumes shown with their reconstructions
 DEFINITIONS = {
     "psnr": "PSNR in dB, 10 log10(1 / MSE) over the whole volume (intensities in [0, 1])",
     "ssim": "SSIM, MONAI SSIMMetric (3D, Gaussian window 11, sigma 1.5), whole volume",
@@ -33,27 +34,24 @@ DEFINITIONS = {
 
 
 @torch.no_grad()
-def reconstruct(autoencoder, config: dict, volumes: np.ndarray, decode_cfg: dict | None,
+def reconstruct(autoencoder, config: dict, volume: np.ndarray, decode_cfg: dict | None,
                 device: torch.device) -> np.ndarray:
-    """Reconstructions of `volumes` [N, 1, D, H, W] through the scaled latent, one volume at a time."""
-    scale, shape = float(config["scale_factor"]), volumes.shape[2:]
-    out = []
-    for vol in volumes:
-        x = torch.from_numpy(np.asarray(vol, dtype=np.float32))[None].to(device)
-        z = encode_volumes(autoencoder, x, config["autoencoder"]) * scale
-        out.append(decode_latents(autoencoder, z, scale, shape, decode_cfg)[0].cpu().numpy())
-    return np.stack(out)
+    """The reconstruction of one volume [1, D, H, W] through its scaled latent."""
+    scale = float(config["scale_factor"])
+    x = torch.from_numpy(np.asarray(volume, dtype=np.float32))[None].to(device)
+    z = encode_volumes(autoencoder, x, config["autoencoder"]) * scale
+    return decode_latents(autoencoder, z, scale, volume.shape[1:], decode_cfg)[0].cpu().numpy()
 
 
-def reconstruction_scores(real: np.ndarray, recon: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-volume PSNR, SSIM and MAE of `recon` against `real` (both [N, 1, D, H, W] in [0, 1])."""
+def reconstruction_scores(real: np.ndarray, recon: np.ndarray) -> dict[str, float]:
+    """PSNR, SSIM and MAE of one reconstruction against its volume (both [1, D, H, W] in [0, 1])."""
     from monai.metrics import SSIMMetric
 
-    mse = ((recon - real) ** 2).reshape(len(real), -1).mean(1)
-    ssim = SSIMMetric(spatial_dims=3, data_range=1.0, reduction="none")(torch.from_numpy(recon).float(),
-                                                                         torch.from_numpy(real).float())
-    return {"psnr": 10 * np.log10(1.0 / np.maximum(mse, 1e-12)), "ssim": ssim.reshape(-1).numpy(),
-            "mae": np.abs(recon - real).reshape(len(real), -1).mean(1)}
+    mse = float(((recon - real) ** 2).mean())
+    ssim = SSIMMetric(spatial_dims=3, data_range=1.0)(torch.from_numpy(recon[None]).float(),
+                                                      torch.from_numpy(real[None]).float())
+    return {"psnr": 10 * np.log10(1.0 / max(mse, 1e-12)), "ssim": float(ssim.mean()),
+            "mae": float(np.abs(recon - real).mean())}
 
 
 def run_reconstruction(autoencoder_path: Path, val_dir: Path, decode_cfg: dict | None, seed: int, n_boot: int,
@@ -61,12 +59,20 @@ def run_reconstruction(autoencoder_path: Path, val_dir: Path, decode_cfg: dict |
     """Write reconstruction.json (and a slice figure); returns the JSON's content."""
     device = pick_device(device_name)
     autoencoder, config = load_autoencoder(autoencoder_path, device)
-    files = split_files(val_dir)
-    real, meta, _ = read_volumes(files)
-    check_image_shape(autoencoder_path, config, files[0], real.shape[2:])
-    recon = reconstruct(autoencoder, config, real, decode_cfg, device)
-    scores = reconstruction_scores(real, recon)
-    doc = {"n": len(real), "n_subjects": len({m["subject"] for m in meta}), "autoencoder": str(autoencoder_path),
+    scores, meta, shown = {"psnr": [], "ssim": [], "mae": []}, [], []
+    for path in split_files(val_dir):  # one volume in memory at a time (1 mm volumes are 28 MB each)
+        meta += read_meta(path)
+        with open_shard(path) as f:
+            check_image_shape(autoencoder_path, config, path, f["images"].shape[2:])
+            for i in range(len(f["images"])):
+                real = np.asarray(f["images"][i], dtype=np.float32)
+                recon = reconstruct(autoencoder, config, real, decode_cfg, device)
+                for name, value in reconstruction_scores(real, recon).items():
+                    scores[name].append(value)
+                if len(shown) < FIGURE_VOLUMES:
+                    shown.append((real, recon))
+    scores = {k: np.asarray(v) for k, v in scores.items()}
+    doc = {"n": len(meta), "n_subjects": len({m["subject"] for m in meta}), "autoencoder": str(autoencoder_path),
            "autoencoder_sha256": config["sha256"], "autoencoder_step": config.get("step"),
            "scale_factor": config["scale_factor"], "decode": decode_cfg or {"roi": None},
            "metrics": subject_means_ci(scores, [m["subject"] for m in meta], n_boot, seed),
@@ -74,21 +80,21 @@ def run_reconstruction(autoencoder_path: Path, val_dir: Path, decode_cfg: dict |
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(doc, indent=1))
     if png is not None:
-        plot_reconstructions(real, recon, png)
+        plot_reconstructions(np.stack([r for r, _ in shown]), np.stack([c for _, c in shown]), png)
     m = doc["metrics"]
-    log.info("reconstruction of %d validation volumes: PSNR %.2f dB, SSIM %.3f, MAE %.4f", len(real),
+    log.info("reconstruction of %d validation volumes: PSNR %.2f dB, SSIM %.3f, MAE %.4f", len(meta),
              m["psnr"]["value"], m["ssim"]["value"], m["mae"]["value"])
     return doc
 
 
-def plot_reconstructions(real: np.ndarray, recon: np.ndarray, png: Path, k: int = 3) -> None:
-    """Mid slices of the first `k` validation volumes (top) and their reconstructions (below)."""
+def plot_reconstructions(real: np.ndarray, recon: np.ndarray, png: Path) -> None:
+    """Mid slices of validation volumes [k, 1, D, H, W] (top) and their reconstructions (below)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = min(k, len(real))
+    k = len(real)
     fig, axes = plt.subplots(2 * k, 3, figsize=(6, 4 * k), squeeze=False)
     for i in range(k):
         for row, vol, name in ((2 * i, real[i, 0], f"validation {i}"), (2 * i + 1, recon[i, 0], "reconstruction")):

@@ -119,8 +119,9 @@ def load_autoencoder(path: Path, device: str | torch.device = "cpu") -> tuple[Au
     if config.get("kind") != "autoencoder":
         raise CheckpointError(f"{path}: not an autoencoder file (it holds a {config.get('kind', 'diffusion')} model); "
                               "expected the autoencoder.safetensors written by `brainddpm train-autoencoder`")
-    if not config.get("scale_factor"):
-        raise CheckpointError(f"{path}: has no latent scale factor in its metadata; retrain the autoencoder")
+    missing = [k for k in ("autoencoder", "data", "scale_factor") if not config.get(k)]
+    if missing:
+        raise CheckpointError(f"{path}: its metadata lacks {', '.join(missing)}; retrain the autoencoder")
     model = build_autoencoder(config["autoencoder"])
     model.load_state_dict(weights, strict=True)
     config["sha256"] = sha256_file(path)

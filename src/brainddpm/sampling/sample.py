@@ -150,6 +150,9 @@ def latent_decoder(config: dict, checkpoint: Path, autoencoder: Path | None, dev
     """For a latent diffusion model: the autoencoder that made its training latents, checked (None for a pixel
     model). Another autoencoder file, or one with another scale factor, is refused, naming both files."""
     if "latent_shape" not in config["data"]:
+        if autoencoder is not None:
+            raise BadInputError(autoencoder, f"given to decode, but {checkpoint} is a pixel model (it samples volumes, "
+                                "not latents): leave --autoencoder out")
         return None
     if autoencoder is None:
         raise BadInputError(checkpoint, "a latent diffusion model: sampling needs its autoencoder (--autoencoder)")

@@ -3,7 +3,10 @@
 An objective is called by `Engine.micro_step` as `objective(model, x, context, generator, step)` and returns
 the micro-batch's loss; `model` is whatever the backend wrapped (DeepSpeed engine, Accelerate/DDP module, or
 the bare network). Random draws (noise, timesteps, patch corners, condition dropping) come from `generator`,
-whose state is checkpointed, so a resumed run continues exactly.
+whose state is checkpointed, so a resumed run continues exactly. One exception: AutoencoderKL's posterior
+sample (z = mu + sigma * eps) draws eps inside MONAI's forward from the global RNG, which cannot be handed a
+generator through a backend's wrapper; the global CPU and CUDA states are checkpointed per rank too
+(training/checkpoint.py), and the loop's DataLoader has its own generator so as not to draw from them.
 
 * `DiffusionObjective`: the denoising MSE of models/diffusion.py (pixel or latent DDPM).
 * `AutoencoderObjective`: L1 reconstruction + KL (+ MONAI PerceptualLoss) (+ least-squares adversarial loss
@@ -53,7 +56,8 @@ def perceptual_loss(perceptual_cfg: dict) -> torch.nn.Module:
     from monai.losses import PerceptualLoss
 
     cache = Path(perceptual_cfg["cache_dir"])
-    if not (cache.is_dir() and any(cache.rglob("hubconf.py"))):
+    weights = [p for pattern in ("*.pth", "*.pt") for p in cache.rglob(pattern)] if cache.is_dir() else []
+    if not (cache.is_dir() and any(cache.rglob("hubconf.py")) and weights):
         raise ConfigError(f"config key 'autoencoder.perceptual.cache_dir': {cache} holds no torch.hub copy of the "
                           f"{perceptual_cfg['network']} network; a training job never downloads: run "
                           "`brainddpm fetch-perceptual-weights` where there is internet (the login node), or set "
@@ -79,6 +83,9 @@ class Discriminator:
                                           betas=tuple(train_cfg["betas"]))
         self.weight, self.start_step = float(adversarial_cfg["weight"]), int(adversarial_cfg["start_step"])
         self.bf16, self.accumulation, self.world_size = bf16, accumulation, world_size
+        if world_size > 1:  # every rank starts from rank 0's weights (as DDP does for the main network)
+            for value in self.net.state_dict().values():
+                dist.broadcast(value, 0)
 
     def active(self, step: int) -> bool:
         return step >= self.start_step
@@ -87,8 +94,9 @@ class Discriminator:
         """The autoencoder's adversarial term: least squares towards "real". The discriminator's own weights
         get no gradient from it (they are frozen for this call)."""
         self.net.requires_grad_(False)
-        try:
-            logits = self.net(fake)[-1]
+        try:  # under autocast: DeepSpeed hands back a bf16 reconstruction (it autocasts inside its forward only)
+            with autocast(fake.device, self.bf16):
+                logits = self.net(fake)[-1]
         finally:
             self.net.requires_grad_(True)
         return F.mse_loss(logits.float(), torch.ones_like(logits, dtype=torch.float32))
@@ -127,6 +135,7 @@ class AutoencoderObjective:
         self.kl_weight = float(ae_cfg["kl_weight"])
         self.perceptual, self.perceptual_weight = perceptual, float(ae_cfg["perceptual"]["weight"])
         self.discriminator = discriminator
+        self.last_pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, reconstruction): the discriminator's
 
     def inputs(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """What the network sees: random patches, or the whole volume padded to `pad_multiple`."""

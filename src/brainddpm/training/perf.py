@@ -57,8 +57,9 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def flops_per_sample(model: torch.nn.Module, shape, device: torch.device, bf16: bool,
-                     num_train_timesteps: int = 1000, context_dim: int | None = None) -> int:
-    """FLOPs of one training forward+backward of a diffusion UNet for one volume of `shape` (D, H, W).
+                     num_train_timesteps: int = 1000, context_dim: int | None = None, channels: int = 1) -> int:
+    """FLOPs of one training forward+backward of a diffusion UNet for one volume of `shape` (D, H, W) with
+    `channels` channels (a latent model: the latent channels).
 
     `context_dim`: a conditional model's covariate vector length (its forward needs a `context`)."""
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,7 @@ def flops_per_sample(model: torch.nn.Module, shape, device: torch.device, bf16: 
         kwargs = {"context": torch.zeros(1, 1, context_dim, device=device)} if context_dim else {}
         return model(x, timesteps=t, **kwargs)
 
-    return count_flops(forward, model, [1, *shape], device, bf16)
+    return count_flops(forward, model, [channels, *shape], device, bf16)
 
 
 def count_flops(forward: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module, shape, device: torch.device,

@@ -99,10 +99,15 @@ def restore_checkpoint(path: Path, cfg: dict, runtime: Runtime, engine: Engine, 
 
 
 def _section(cfg: dict, name: str):
-    """A config section as resuming compares it: the autoencoder's `train` overrides are compared as train.*."""
+    """A config section as resuming compares it. The autoencoder's: without its `train` overrides (compared as
+    train.*), without `use_checkpoint` (memory, not results: switching it on after running out of memory must
+    resume), and a loss switched off (weight 0) compares equal whatever its other keys say."""
     value = cfg.get(name)
     if name == "autoencoder" and isinstance(value, dict):
-        return {k: v for k, v in value.items() if k != "train"}
+        value = {k: v for k, v in value.items() if k not in ("train", "use_checkpoint")}
+        for loss in ("adversarial", "perceptual"):
+            if isinstance(value.get(loss), dict) and not value[loss].get("weight"):
+                value[loss] = {"weight": 0}
     return value
 
 

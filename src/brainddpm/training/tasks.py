@@ -27,7 +27,7 @@ from brainddpm.models.conditioning import CovariateEncoding, fit_encoding
 from brainddpm.models.diffusion import build_model, build_scheduler
 from brainddpm.training.engine import RunPlan
 from brainddpm.training.objectives import AutoencoderObjective, DiffusionObjective, Discriminator, perceptual_loss
-from brainddpm.training.perf import count_flops, peak_flops
+from brainddpm.training.perf import count_flops, flops_per_sample, peak_flops
 from brainddpm.training.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class Task:
 def build_task(kind: str, cfg: dict, dataset: ShardDataset, split: Path, data_meta: dict, runtime: Runtime,
                plan: RunPlan) -> Task:
     if kind == "autoencoder":
-        return autoencoder_task(cfg, dataset, data_meta, runtime, plan)
+        return autoencoder_task(cfg, dataset, split, data_meta, runtime, plan)
     return diffusion_task(cfg, dataset, split, data_meta, runtime, plan)
 
 
@@ -80,25 +80,23 @@ def diffusion_task(cfg: dict, dataset: ShardDataset, split: Path, data_meta: dic
     scheduler = build_scheduler(cfg["scheduler"])
     drop_prob = cfg["condition"]["drop_prob"] if encoding else 0.0
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        t = torch.randint(0, scheduler.num_train_timesteps, (1,), device=x.device)
-        kwargs = {"context": torch.zeros(1, 1, context_dim, device=x.device)} if context_dim else {}
-        return net(x, timesteps=t, **kwargs)
-
     def final_config(ema: dict) -> dict:
         config = {"model": cfg["model"], "scheduler": cfg["scheduler"], "data": data_meta}
         if encoding is not None:  # sampling needs nothing but this file
             config["condition"] = {**encoding.to_dict(), "drop_prob": cfg["condition"]["drop_prob"]}
         return config
 
-    flops = count_flops(forward, net, shape, runtime.device, plan.bf16) if peak_flops(runtime.device) else None
+    flops = flops_per_sample(net, shape[1:], runtime.device, plan.bf16, scheduler.num_train_timesteps, context_dim,
+                             shape[0]) if peak_flops(runtime.device) else None
     return Task("diffusion", net, DiffusionObjective(scheduler, drop_prob), "model.safetensors",
                 ("model", "scheduler", "seed"), final_config, flops, encoding=encoding)
 
 
-def autoencoder_task(cfg: dict, dataset: ShardDataset, data_meta: dict, runtime: Runtime, plan: RunPlan) -> Task:
+def autoencoder_task(cfg: dict, dataset: ShardDataset, split: Path, data_meta: dict, runtime: Runtime,
+                     plan: RunPlan) -> Task:
+    """The autoencoder; its FLOPs (for MFU) count the autoencoder alone, not the discriminator's or the
+    perceptual network's passes, so its MFU reads a little high when those losses are on."""
     ae_cfg = cfg["autoencoder"]
-    split = Path(dataset.files[0]).parent
     _check_data_kind(cfg, data_meta, split, "autoencoder")
     if ae_cfg.get("patch") and any(p > s for p, s in zip(ae_cfg["patch"], data_meta["target_shape"])):
         raise ConfigError(f"config key 'autoencoder.patch': {ae_cfg['patch']} is larger than the volumes "

@@ -3,7 +3,6 @@ resumes exactly (discriminator included), and its file carries the latent scale 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from helpers import autoencoder_config, make_shards
@@ -99,4 +98,21 @@ def test_latent_model_needs_latent_shards(tmp_path):
     cfg["model"] = {**cfg["model"], "kind": "latent"}
     with pytest.raises(BadInputError, match="model.kind"):
         train(cfg, shards, tmp_path / "run")
-    assert np.isfinite(0.0)
+
+
+def test_discriminator_takes_a_bf16_reconstruction():
+    """DeepSpeed autocasts inside its own forward only: the reconstruction reaches the adversarial term in bf16
+    while the discriminator's weights are fp32."""
+    from brainddpm.training.objectives import Discriminator
+
+    cfg = autoencoder_config()
+    disc = Discriminator({**cfg["autoencoder"]["adversarial"], "weight": 0.1}, cfg["train"], torch.device("cpu"),
+                         bf16=True, accumulation=1, world_size=1)
+    fake = torch.rand(2, 1, 16, 16, 16, requires_grad=True)
+    loss = disc.generator_loss(fake.to(torch.bfloat16))
+    loss.backward()
+    assert torch.isfinite(loss) and fake.grad is not None
+    assert all(p.grad is None for p in disc.net.parameters())  # the generator's term trains no discriminator
+    before = [p.detach().clone() for p in disc.net.parameters()]
+    disc.micro_step(torch.rand(2, 1, 16, 16, 16), fake.detach().to(torch.bfloat16), boundary=True)
+    assert any(not torch.equal(a, p) for a, p in zip(before, disc.net.parameters()))
