@@ -233,3 +233,28 @@ def test_conditional_pipeline_plans_samples_and_checks_the_condition(tmp_path):
 def test_conditional_preset_lints_clean():
     proc = snakemake("--lint", "--configfile", "config/config.yaml", "config/demo.yaml", "config/demo-conditional.yaml")
     assert "Congratulations" in proc.stdout + proc.stderr
+
+
+def test_latent_preset_dry_run_on_leonardo_lists_the_latent_dag(tmp_path):
+    """The README's 1 mm command: the LEONARDO profile with config/latent.yaml and a site config lists the
+    latent DAG, its GPU rules on boost_usr_prod."""
+    from helpers import bids_dataset
+
+    bids_dataset(tmp_path / "bids", subjects=2)
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"datasets": [{"name": "cohort", "root": str(tmp_path / "bids")}],
+                                    "launch": {"executor": "slurm", "nodes": 2, "gpus_per_node": 4,
+                                               "partition": "boost_usr_prod", "qos": "normal"}}))
+    env = {**os.environ, "BRAINDDPM_SLURM_ACCOUNT": "dummy",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run([*SNAKEMAKE, "-n", "--profile", "profiles/leonardo", "--configfile", "config/config.yaml",
+                           "config/latent.yaml", str(site)], cwd=ROOT, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    jobs = _planned_jobs(proc)
+    assert {"train_autoencoder", "latent_index", "train", "reconstruction", "sample_part", "report"} <= set(jobs), jobs
+    assert jobs["latent_index"] == 2  # the training and the validation latents
+    for rule in ("train_autoencoder", "train", "reconstruction", "sample_part"):
+        block = out[out.index(f"rule {rule}:"):]
+        block = block[:block.index("Shell command")]
+        assert "slurm_partition=boost_usr_prod" in block, (rule, block)
