@@ -97,6 +97,8 @@ def _check_consistency(cfg: dict) -> None:
         _check_sample(cfg["sample"])
     if "condition" in cfg:
         _check_condition(cfg["condition"], cfg.get("sample"))
+    if utility_enabled(cfg):
+        _check_utility(cfg)
     if {"train", "launch"} <= set(cfg):
         _check_launch(cfg["train"], cfg["launch"])
     if {"train", "performance"} <= set(cfg):
@@ -262,6 +264,43 @@ def _check_condition(cond: dict, smp: dict | None) -> None:
             if isinstance(value, list) and (kinds[key] != "continuous" or value[0] > value[1]):
                 raise ConfigError(f"config key 'sample.conditions[{i}].{key}': a range [low, high] needs a continuous "
                                   "covariate and low <= high")
+
+
+def _check_utility(cfg: dict) -> None:
+    """utility.enabled: the target is a covariate the model is conditioned on (a synthetic volume's label is the
+    covariate it was asked for), and the plan does not copy the test set's covariates (no leakage)."""
+    util = cfg["utility"]
+    target = util.get("target")
+    if not target:
+        raise ConfigError("config key 'utility.target': required with utility.enabled (the covariate the downstream "
+                          "models predict, e.g. diagnosis)")
+    if "condition" in cfg or "sample" in cfg:  # a whole config (a job's sections may lack these)
+        kinds = {c["name"]: c["type"] for c in (cfg.get("condition") or {}).get("covariates", [])}
+        if target not in kinds:
+            raise ConfigError(f"config key 'utility.target': {target!r} is not a covariate of condition.covariates "
+                              f"({', '.join(kinds) or 'none: an unconditional model'}); the synthetic volumes' labels "
+                              "are the covariates they were asked for, so the model must be conditioned on the target")
+        kind = util.get("target_type", "auto")
+        if kind not in ("auto", kinds[target]):
+            raise ConfigError(f"config key 'utility.target_type': {kind}, but condition.covariates has {target!r} as "
+                              f"{kinds[target]}")
+    smp = cfg.get("sample")
+    if smp is not None:
+        if smp.get("conditions", "match_validation") == "match_validation":
+            raise ConfigError("config key 'sample.conditions': match_validation copies the covariates of the "
+                              "validation split, which is the utility stage's test set; with utility.enabled use "
+                              "match_training or explicit strata")
+        sampler = util.get("sampler")
+        if sampler is not None and sampler not in smp["samplers"]:
+            raise ConfigError(f"config key 'utility.sampler': {sampler} is not in sample.samplers {smp['samplers']}")
+    cnn = util.get("cnn") or {}
+    if "channels" in cnn and "strides" in cnn and len(cnn["channels"]) != len(cnn["strides"]):
+        raise ConfigError(f"config key 'utility.cnn.strides': {len(cnn['strides'])} entries, utility.cnn.channels "
+                          f"has {len(cnn['channels'])}")
+
+
+def utility_enabled(cfg: dict) -> bool:
+    return bool((cfg.get("utility") or {}).get("enabled"))
 
 
 def split_seed(cfg: dict) -> int:

@@ -141,7 +141,9 @@ def test_bad_inputs_give_named_errors(study, tmp_path):
 def test_commands_write_parts_and_utility_json(study, tmp_path):
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers())
-    settings = json.dumps({**SETTINGS, "models": ["linear"], "repeats": 2, "bootstrap": 50})
+    # the workflow's keys (enabled, sampler) come along with the section and are ignored
+    settings = json.dumps({**SETTINGS, "models": ["linear"], "repeats": 2, "bootstrap": 50, "enabled": True,
+                           "sampler": "ddim"})
     parts = []
     for arm in ("real", "mix-2"):
         for repeat in range(2):
@@ -152,10 +154,12 @@ def test_commands_write_parts_and_utility_json(study, tmp_path):
             args.func(args)
     out = tmp_path / "utility.json"
     args = parser.parse_args(["utility-gather", "--settings-json", settings, "--parts", *map(str, parts),
-                              "--out", str(out)])
+                              "--run", "oracle-run", "--out", str(out)])
     args.func(args)
     result = json.loads(out.read_text())
     assert list(result["arms"]) == ["real", "mix-2"] and result["repeats"] == 2 and result["bootstrap"] == 50
+    assert result["generator"]["run"] == "oracle-run" and result["generator"]["samplers"] == ["oracle"]
+    assert result["generator"]["files"] == [str(p) for p in study["oracle"]]
     entry = result["arms"]["mix-2"]["models"]["linear"]["balanced_accuracy"]
     assert set(entry) == {"value", "ci", "per_repeat", "difference"} and len(entry["per_repeat"]) == 2
     assert entry["ci"][0] <= entry["value"] <= entry["ci"][1]

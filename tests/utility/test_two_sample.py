@@ -39,8 +39,10 @@ def test_noise_is_told_apart(tmp_path):
     add_commands(parser.add_subparsers())
     out = tmp_path / "two-sample.json"
     args = parser.parse_args(["two-sample", "--real", str(real), "--samples", str(part), "--out", str(out),
-                              "--settings-json", json.dumps({"cnn": CNN, "bootstrap": 200})])
+                              "--settings-json", json.dumps({"cnn": {**CNN, "steps": 1}, "bootstrap": 200,
+                                                             "two_sample": {"steps": 60}})])
     args.func(args)
     result = json.loads(out.read_text())
     assert result["accuracy"] > 0.95 and result["ci"][0] > 0.85, result
     assert result["synthetic"]["samplers"] == ["noise"] and result["chance"] == 0.5
+    assert result["steps"] == 60  # utility.two_sample.steps, not utility.cnn.steps

@@ -20,6 +20,9 @@ rule demo_cohort:
         # the conditional demo's age effect; absent from the default demo's command (and its params)
         + (" --ventricle-growth-mm {}".format(config["demo"]["ventricle_growth_mm"])
            if config["demo"].get("ventricle_growth_mm") else "")
+        # the utility demo's diagnosis column (a minority of patients); likewise absent unless set
+        + (" --patient-fraction {}".format(config["demo"]["patient_fraction"])
+           if config["demo"].get("patient_fraction") else "")
         + " 2> {log}"
 
 

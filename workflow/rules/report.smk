@@ -12,6 +12,7 @@ rule report:
         loss=f"{TRAIN_DIR}/loss.png",
         conditioning=conditioning_targets(),
         reconstruction=reconstruction_targets(),
+        utility=utility_targets(),  # utility.enabled only
     output:
         md=f"{R}/report/report.md",
         html=report(f"{R}/report/report.html", caption="../report/summary.rst", category="Summary"),
@@ -40,5 +41,6 @@ rule report:
         "--real {params.real} --run-dir {params.run_dir} --out {params.out}"
         + (" --conditioning {input.conditioning}" if CONDITIONED else "")
         + (" --reconstruction {input.reconstruction}" if LATENT else "")
+        + (" --utility {input.utility}" if UTILITY else "")
         + (" --compare {}".format(config["compare_with"]) if config.get("compare_with") else "")
         + " 2> {log}"

@@ -2,11 +2,14 @@
 
 
 if CONDITIONED:
+    MATCH_TRAINING = config["sample"].get("conditions") == "match_training"
 
     rule condition_plan:
         input:
             model=MODEL,
             real=f"{R}/shards/val/index.json",
+            # match_training (the utility stage's plan) only: the training split's covariates
+            train=f"{R}/shards/train/index.json" if MATCH_TRAINING else [],
         output:
             PLAN,
         params:
@@ -22,7 +25,9 @@ if CONDITIONED:
             "../envs/brainddpm.yaml"
         shell:
             "brainddpm condition-plan --n {params.n} --conditions-json {params.conditions:q} "
-            "--guidance-scale {params.guidance} --checkpoint {input.model} --real {params.real} --out {output} 2> {log}"
+            "--guidance-scale {params.guidance} --checkpoint {input.model} --real {params.real} --out {output}"
+            + (f" --train {R}/shards/train" if MATCH_TRAINING else "")
+            + " 2> {log}"
 
 
 rule sample_part:

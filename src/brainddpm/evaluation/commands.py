@@ -76,7 +76,8 @@ def cmd_report(args) -> None:
             raise BrainDDPMError("give one --conditioning file per --samplers entry")
         conditioning = dict(zip(args.samplers, args.conditioning))
     write_report(dict(zip(args.samplers, args.metrics)), args.memorization, args.train, args.real, parts,
-                 args.run_dir, args.out, conditioning, reconstruction=args.reconstruction, compare=args.compare)
+                 args.run_dir, args.out, conditioning, reconstruction=args.reconstruction, compare=args.compare,
+                 utility=args.utility)
 
 
 def add_commands(sub) -> None:
@@ -156,4 +157,6 @@ def add_commands(sub) -> None:
     p.add_argument("--reconstruction", type=Path, help="latent models: reconstruction.json of `reconstruction`")
     p.add_argument("--compare", type=Path,
                    help="another run's report/metrics.json, shown beside this run's (e.g. the pixel demo's)")
+    p.add_argument("--utility", type=Path,
+                   help="utility.json of `utility-gather` (utility.enabled): the report's 'Utility' section")
     p.set_defaults(func=cmd_report)

@@ -30,7 +30,7 @@ def cmd_condition_plan(args) -> None:
         raise BrainDDPMError("give --config, or --n (with --conditions-json and --guidance-scale)")
     else:
         plan_cfg = {"n": args.n, "conditions": json.loads(args.conditions_json), "guidance_scale": args.guidance_scale}
-    run_condition_plan(plan_cfg, args.checkpoint, args.real, args.out)
+    run_condition_plan(plan_cfg, args.checkpoint, args.real, args.out, args.train)
 
 
 def cmd_to_mni(args) -> None:
@@ -64,7 +64,8 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("condition-plan", help="conditional models: which covariates each synthetic volume asks for",
                        description="Write conditions.json: per synthetic volume the covariates it is sampled with "
-                                   "(sample.conditions: match_validation takes validation volume i's for volume i; "
+                                   "(sample.conditions: match_validation takes validation volume i's for volume i, "
+                                   "match_training training volume i's; "
                                    "strata such as {age: [70, 80], sex: F, n: 50} give n volumes each) and "
                                    "sample.guidance_scale. The covariate encoding comes from the model file.")
     p.add_argument("--config", nargs="+", type=Path, metavar="YAML", help="config files (sample.n, "
@@ -75,6 +76,8 @@ def add_commands(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=1.0, help="sample.guidance_scale (default: 1)")
     p.add_argument("--checkpoint", type=Path, required=True, help="model.safetensors of a conditional run")
     p.add_argument("--real", type=Path, required=True, help="validation split folder (match_validation)")
+    p.add_argument("--train", type=Path, help="training split folder (match_training: volume i takes training volume "
+                                              "i's covariates, the utility stage's plan)")
     p.add_argument("--out", type=Path, required=True, help="output conditions.json")
     p.set_defaults(func=cmd_condition_plan)
 

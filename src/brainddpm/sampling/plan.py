@@ -2,8 +2,10 @@
 
 `run_condition_plan` (rule `condition_plan`, `brainddpm condition-plan`) writes conditions.json from
 `sample.conditions`: `match_validation` gives synthetic volume i the covariates of validation volume i
-(cycling); explicit strata such as ``{age: [70, 80], sex: F, n: 43}`` give n volumes each, a range as evenly
-spaced values and unnamed covariates balanced. The plan records the model's covariate encoding, so a
+(cycling), `match_training` those of training volume i (the utility stage's plan: the validation split is its
+test set, whose covariates must not shape the synthetic data); explicit strata such as
+``{age: [70, 80], sex: F, n: 43}`` give n volumes each, a range as evenly spaced values and unnamed covariates
+balanced. The plan records the model's covariate encoding, so a
 sampling job refuses a plan made for another model.
 """
 
@@ -62,33 +64,45 @@ def plan_strata(strata: list[dict], encoding: CovariateEncoding) -> list[dict]:
     return plan
 
 
-def plan_match_validation(n: int, val_covariates: list[dict], encoding: CovariateEncoding) -> list[dict]:
-    """Synthetic volume i asks for the covariates of validation volume i (cycling when n is larger)."""
-    if not val_covariates:
-        raise BadInputError("validation shards", "no validation volume to take covariates from")
+def plan_match(n: int, covariates: list[dict], encoding: CovariateEncoding, split: str = "validation") -> list[dict]:
+    """Synthetic volume i asks for the covariates of volume i of `split` (cycling when n is larger)."""
+    if not covariates:
+        raise BadInputError(f"{split} shards", f"no {split} volume to take covariates from")
     plan = []
     for i in range(n):
-        row = val_covariates[i % len(val_covariates)]
+        row = covariates[i % len(covariates)]
         values = {}
         for c in encoding.covariates:  # a category the training split lacks cannot be asked for: missing
             v = row.get(c["name"])
             values[c["name"]] = None if c["type"] == "categorical" and v is not None and str(v) not in \
                 c["categories"] else v
-        plan.append({"covariates": values, "stratum": "match_validation"})
+        plan.append({"covariates": values, "stratum": f"match_{split}"})
     return plan
 
 
-def build_plan(sample_cfg: dict, encoding: CovariateEncoding, val_covariates: list[dict]) -> dict:
-    """The sampling plan (conditions.json): the guidance scale and per volume index its covariates and stratum."""
+def plan_match_validation(n: int, val_covariates: list[dict], encoding: CovariateEncoding) -> list[dict]:
+    """Synthetic volume i asks for the covariates of validation volume i (cycling when n is larger)."""
+    return plan_match(n, val_covariates, encoding, "validation")
+
+
+def build_plan(sample_cfg: dict, encoding: CovariateEncoding, val_covariates: list[dict],
+               train_covariates: list[dict] | None = None) -> dict:
+    """The sampling plan (conditions.json): the guidance scale and per volume index its covariates and stratum.
+
+    `train_covariates` (the training split's, in shard order) are needed by `match_training` only."""
     conditions = sample_cfg.get("conditions", "match_validation")
     if conditions == "match_validation":
         volumes = plan_match_validation(sample_cfg["n"], val_covariates, encoding)
+    elif conditions == "match_training":
+        if train_covariates is None:
+            raise ConfigError("config key 'sample.conditions': match_training needs the training split (--train)")
+        volumes = plan_match(sample_cfg["n"], train_covariates, encoding, "training")
     else:
         volumes = plan_strata(conditions, encoding)
     if len(volumes) != sample_cfg["n"]:
         raise ConfigError(f"config key 'sample.n': {sample_cfg['n']}, but the strata of sample.conditions ask for "
                           f"{len(volumes)} volumes")
-    return {"mode": "match_validation" if conditions == "match_validation" else "strata",
+    return {"mode": conditions if isinstance(conditions, str) else "strata",
             "guidance_scale": float(sample_cfg.get("guidance_scale", 1.0)), "encoding": encoding.to_dict(),
             "volumes": [{"index": i, **v} for i, v in enumerate(volumes)]}
 
@@ -102,15 +116,21 @@ def read_plan(path: Path) -> dict:
     return plan
 
 
-def run_condition_plan(sample_cfg: dict, checkpoint: Path, val_dir: Path, out: Path) -> dict:
+def _split_covariates(split_dir: Path) -> list[dict]:
+    return [m.get("covariates", {}) for f in split_files(split_dir) for m in read_meta(f)]
+
+
+def run_condition_plan(sample_cfg: dict, checkpoint: Path, val_dir: Path, out: Path,
+                       train_dir: Path | None = None) -> dict:
     """Write the sampling plan (conditions.json) of a conditional model: per synthetic volume the covariates
-    it is asked for (`sample.conditions`: match_validation or explicit strata) and the guidance scale."""
+    it is asked for (`sample.conditions`: match_validation, match_training (needs `train_dir`) or explicit
+    strata) and the guidance scale."""
     config, _ = read_final(checkpoint, tensors=False)
     if "condition" not in config:
         raise BadInputError(checkpoint, "an unconditional model: there are no covariates to plan")
     encoding = CovariateEncoding.from_dict(config["condition"])
-    val = [m.get("covariates", {}) for f in split_files(val_dir) for m in read_meta(f)]
-    plan = build_plan(sample_cfg, encoding, val)
+    val = _split_covariates(val_dir)
+    plan = build_plan(sample_cfg, encoding, val, _split_covariates(train_dir) if train_dir is not None else None)
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(plan, indent=1))
     strata = sorted({v["stratum"] for v in plan["volumes"]})

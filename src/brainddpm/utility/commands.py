@@ -40,10 +40,24 @@ def cmd_utility_part(args) -> None:
 def cmd_utility_gather(args) -> None:
     from brainddpm.utility.protocol import gather, read_parts
 
-    result = gather(read_parts(args.parts), _settings(args), args.parts[0])
+    parts = read_parts(args.parts)
+    result = gather(parts, _settings(args), args.parts[0])
+    result["generator"] = generator_info(parts, args.run)
     if args.two_sample:
         result["two_sample"] = {Path(p).stem: json.loads(Path(p).read_text()) for p in args.two_sample}
     _write_json(result, args.out)
+
+
+def generator_info(parts: list[dict], run: str | None) -> dict:
+    """Which synthetic volumes the arms used: the run, the sampler(s), the checkpoint(s) and the part files."""
+    used = [p["synthetic"] for p in parts if p.get("synthetic")]
+    info = {"run": run, "samplers": [], "checkpoints": [], "checkpoint_steps": [], "files": []}
+    for u in used:
+        for key in info:
+            for value in u.get(key, []) if key != "run" else []:
+                if value not in info[key]:
+                    info[key].append(value)
+    return info
 
 
 def cmd_two_sample(args) -> None:
@@ -57,7 +71,8 @@ def cmd_two_sample(args) -> None:
     if real.shape[1:] != synthetic.shape[1:]:
         raise ConfigError(f"two-sample: real volumes {real.shape[2:]} and synthetic {synthetic.shape[2:]} differ "
                           "in shape")
-    result = two_sample_test(real, [m["subject"] for m in meta], synthetic, settings["cnn"],
+    cnn = {**settings["cnn"], "steps": settings["two_sample"]["steps"]}
+    result = two_sample_test(real, [m["subject"] for m in meta], synthetic, cnn,
                              settings["two_sample"]["holdout"], settings["bootstrap"], settings["confidence"],
                              settings["seed"])
     result.update(real=str(args.real), synthetic=sample_files_info(args.samples))
@@ -93,6 +108,7 @@ def add_commands(sub) -> None:
     p.add_argument("--parts", type=Path, nargs="+", required=True, help="every part JSON of utility-part")
     p.add_argument("--two-sample", type=Path, nargs="*", default=[],
                    help="two-sample JSON files to include, keyed by file name stem (e.g. ddpm.json)")
+    p.add_argument("--run", help="the run that made the synthetic volumes (config `run`), recorded in utility.json")
     p.add_argument("--out", type=Path, required=True, help="output utility.json")
     p.set_defaults(func=cmd_utility_gather)
 

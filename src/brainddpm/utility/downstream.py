@@ -3,7 +3,8 @@
 The CNN (MONAI's `Classifier` or `Regressor`, sized by utility.cnn.channels and .strides) trains with
 Adam for a fixed number of optimizer steps, whatever the size of its training set, so that the arms
 differ in data and not in compute. Its initial weights and its batches come from seeded generators, so
-on a CPU a run is the same every time. `train_network` is deliberately one small function (network,
+on a CPU a run is the same every time. The CNN runs on a free GPU where one is visible (a cluster's
+utility_part jobs), else on the CPU (`device`). `train_network` is deliberately one small function (network,
 loss, data in; trained network out) that the project's shared training engine can take over later.
 
 The baseline has no optimizer to tune: PCA of the flattened volumes, then logistic regression
@@ -33,12 +34,22 @@ def build_cnn(shape, outputs: int, channels, strides, categorical: bool, seed: i
         return Regressor((1, *shape), out_shape=(outputs,), channels=channels, strides=strides)
 
 
+def device() -> torch.device:
+    """Where the downstream CNNs run: a GPU that no other brainddpm job on this machine holds, else the CPU."""
+    from brainddpm.device import pick_device
+
+    return pick_device("auto")
+
+
 def train_network(network: torch.nn.Module, loss_fn, images: np.ndarray, targets: np.ndarray, *, steps: int,
-                  batch: int, lr: float, seed: int) -> torch.nn.Module:
+                  batch: int, lr: float, seed: int, on: torch.device | None = None) -> torch.nn.Module:
     """Train `network` for exactly `steps` Adam steps on batches drawn from (images, targets); return it.
 
     Batches walk through seeded random permutations of the training set (a new one each epoch), so every
-    volume is seen equally often and the order depends only on `seed`. Runs on the CPU."""
+    volume is seen equally often and the order depends only on `seed`. Runs on `on` (default: the CPU); the
+    volumes stay in host memory and go to the device batch by batch."""
+    on = on or torch.device("cpu")
+    network.to(on)
     generator = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     y = torch.from_numpy(np.ascontiguousarray(targets))
@@ -51,7 +62,7 @@ def train_network(network: torch.nn.Module, loss_fn, images: np.ndarray, targets
         index = order[position:position + batch]
         position += len(index)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(network(x[index]), y[index])
+        loss = loss_fn(network(x[index].to(on)), y[index].to(on))
         loss.backward()
         optimizer.step()
     network.eval()
@@ -60,11 +71,12 @@ def train_network(network: torch.nn.Module, loss_fn, images: np.ndarray, targets
 
 @torch.no_grad()
 def predict_network(network: torch.nn.Module, images: np.ndarray, categorical: bool, batch: int = 16) -> np.ndarray:
-    """Class probabilities (N, C) or regression outputs (N,) of a trained network."""
+    """Class probabilities (N, C) or regression outputs (N,) of a trained network (on its own device)."""
     network.eval()
-    outputs = [network(torch.from_numpy(np.ascontiguousarray(images[i:i + batch], dtype=np.float32)))
+    on = next(network.parameters()).device
+    outputs = [network(torch.from_numpy(np.ascontiguousarray(images[i:i + batch], dtype=np.float32)).to(on)).float()
                for i in range(0, len(images), batch)]
-    out = torch.cat(outputs)
+    out = torch.cat(outputs).cpu()
     return out.softmax(1).numpy() if categorical else out[:, 0].numpy()
 
 
@@ -81,7 +93,7 @@ def cnn_predictions(train_images, train_labels, test_images, categorical: bool, 
         def loss(output, target):
             return mse(output[:, 0], target)
     train_network(network, loss, train_images, train_labels, steps=cnn["steps"], batch=cnn["batch"], lr=cnn["lr"],
-                  seed=seed)
+                  seed=seed, on=device())
     return predict_network(network, test_images, categorical)
 
 

@@ -25,7 +25,12 @@ from brainddpm.utility.labels import fit_target, read_labelled, read_split
 
 log = logging.getLogger(__name__)
 
+# The defaults of the config's `utility` section, key for key the block at the end of config/config.yaml
+# (a test holds the two equal). `enabled` and `sampler` are the workflow's (whether the stage runs, whose
+# sample parts it reads); the subcommands accept and ignore them.
 DEFAULTS = {
+    "enabled": False,
+    "sampler": None,  # null: the first of sample.samplers
     "target": None,  # the covariate to predict (required)
     "target_type": "auto",  # auto (categorical when the values are strings), categorical or continuous
     "ratios": [0.5, 1.0, 2.0],  # synthetic : real of the mix-<ratio> arms
@@ -82,12 +87,13 @@ def sample_files_info(parts) -> dict:
 
     from brainddpm.data.shards import read_meta
 
-    info = {"files": [str(p) for p in parts], "samplers": [], "checkpoints": []}
+    info = {"files": [str(p) for p in parts], "samplers": [], "checkpoints": [], "checkpoint_steps": []}
     for p in parts:
         with h5py.File(p, "r") as f:
-            sampler = f.attrs.get("sampler")
+            sampler, step = f.attrs.get("sampler"), f.attrs.get("checkpoint_step")
         meta = read_meta(p)
-        for key, value in (("samplers", sampler), ("checkpoints", meta[0]["source_path"] if meta else None)):
+        for key, value in (("samplers", sampler), ("checkpoints", meta[0].get("source_path") if meta else None),
+                           ("checkpoint_steps", step)):
             if value is not None and str(value) not in info[key]:
                 info[key].append(str(value))
     return info

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from brainddpm.errors import BadInputError
-from brainddpm.utility.downstream import build_cnn, predict_network, train_network
+from brainddpm.utility.downstream import build_cnn, device, predict_network, train_network
 from brainddpm.utility.protocol import balanced_accuracy, interval
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def two_sample_test(real_images: np.ndarray, real_subjects: list[str], synthetic
     order = _balanced(labels, rng)
     network = build_cnn(images.shape[2:], 2, cnn["channels"], cnn["strides"], True, seed)
     train_network(network, torch.nn.CrossEntropyLoss(), images[order], labels[order], steps=cnn["steps"],
-                  batch=cnn["batch"], lr=cnn["lr"], seed=seed)
+                  batch=cnn["batch"], lr=cnn["lr"], seed=seed, on=device())
     held_images = np.concatenate([real_images[real_held], synthetic_images[synthetic_held]])
     truth = np.concatenate([np.zeros(len(real_held), np.int64), np.ones(len(synthetic_held), np.int64)])
     probabilities = predict_network(network, held_images, categorical=True)
