@@ -90,6 +90,15 @@ AUTOENCODER = f"{AUTOENCODER_DIR}/autoencoder.safetensors" if LATENT else []
 LATENTS = f"{R}/latents/{RUN}"
 TRAIN_INDEX = f"{LATENTS}/train/index.json" if LATENT else f"{R}/shards/train/index.json"  # what `train` reads
 TRAIN_DIR = f"{R}/train/{RUN}"
+# the perceptual loss's network, fetched where there is internet (a login node); [] when unused
+PERCEPTUAL = config.get("autoencoder", {}).get("perceptual", {"weight": 0})
+PERCEPTUAL_READY = (f"{PERCEPTUAL['cache_dir']}/.brainddpm-{PERCEPTUAL['network']}"
+                    if LATENT and PERCEPTUAL["weight"] > 0 else [])
+
+
+def latent_files(wildcards):
+    """Latent shards of one split (latent.smk): one per image shard, known once the split checkpoint has run."""
+    return [f.replace(f"{R}/shards/", f"{LATENTS}/", 1) for f in shard_files(wildcards)]
 MODEL = f"{TRAIN_DIR}/model.safetensors"
 SAMPLES = f"{R}/samples/{RUN}"
 EVAL = f"{R}/eval/{RUN}"

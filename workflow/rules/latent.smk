@@ -4,14 +4,6 @@
 
 if LATENT:
 
-    PERCEPTUAL = config["autoencoder"]["perceptual"]
-    # the perceptual loss's network, fetched where there is internet (a login node); [] when unused
-    PERCEPTUAL_READY = f"{PERCEPTUAL['cache_dir']}/.brainddpm-{PERCEPTUAL['network']}" if PERCEPTUAL["weight"] > 0 else []
-
-    def latent_files(wildcards):
-        """Latent shards of one split: one per image shard, known once the split checkpoint has run."""
-        return [f.replace(f"{R}/shards/", f"{LATENTS}/", 1) for f in shard_files(wildcards)]
-
     if config["launch"]["executor"] == "slurm":
 
         localrules:
@@ -26,8 +18,8 @@ if LATENT:
             output:
                 PERCEPTUAL_READY,
             params:
-                network=PERCEPTUAL["network"],
-                cache=PERCEPTUAL["cache_dir"],
+                network=config["autoencoder"]["perceptual"]["network"],
+                cache=config["autoencoder"]["perceptual"]["cache_dir"],
             log:
                 f"{R}/logs/fetch_perceptual_weights.log",
             conda:

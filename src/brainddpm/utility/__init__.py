@@ -1,4 +1,4 @@
-"""Stage 6, utility: does a model trained with synthetic scans do better on real ones?
+"""Stage 7, utility: does a model trained with synthetic scans do better on real ones?
 
 The distribution metrics of the evaluation stage compare synthetic and real volumes as sets; this stage
 asks the user's question with a downstream task. A target covariate (diagnosis, age, ...) is predicted
