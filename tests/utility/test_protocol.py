@@ -14,9 +14,10 @@ import pytest
 import utility_tasks as tasks
 
 from brainddpm.errors import BadInputError, ConfigError
+from brainddpm.evaluation.bootstrap import subject_resamples
 from brainddpm.utility import downstream
 from brainddpm.utility.commands import add_commands
-from brainddpm.utility.protocol import gather, run_part, subject_resamples, utility_settings
+from brainddpm.utility.protocol import gather, run_part, utility_settings
 
 SETTINGS = {"target": "diagnosis", "repeats": 3, "ratios": [2], "bootstrap": 500,
             "cnn": {"channels": [4, 8], "strides": [2, 2], "steps": 60, "batch": 8, "lr": 3e-3},

@@ -250,16 +250,21 @@ def gather(point: dict[str, float], chunks: list[dict], level: float = 0.95) -> 
     return result
 
 
+def subject_resamples(subjects: list[str], count: int, seed: int) -> list[np.ndarray]:
+    """`count` bootstrap resamples of the test volumes, drawn by subject: each draws as many subjects as
+    there are, with replacement, and takes all volumes (sessions) of each drawn subject."""
+    names = sorted(set(subjects))
+    volumes = [np.flatnonzero(np.asarray(subjects) == s) for s in names]
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([volumes[i] for i in rng.integers(0, len(names), size=len(names))]) for _ in range(count)]
+
+
 def subject_means_ci(values: dict[str, np.ndarray], subjects: list[str], n_boot: int, seed: int,
                      level: float = 0.95) -> dict[str, dict]:
-    """Mean of per-volume values with a percentile interval from resampling *subjects* with replacement
-    (every session of a drawn subject comes with it): name -> {value, ci_low, ci_high, n_boot}."""
-    names = sorted(set(subjects))
-    rows = {s: np.array([i for i, t in enumerate(subjects) if t == s]) for s in names}
+    """Mean of per-volume values with a percentile interval from `subject_resamples` (every session of a
+    drawn subject comes with it): name -> {value, ci_low, ci_high, n_boot}."""
     q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
-    draws = [np.concatenate([rows[names[k]] for k in np.random.default_rng([seed, b]).integers(0, len(names),
-                                                                                               len(names))])
-             for b in range(n_boot)]
+    draws = subject_resamples(subjects, n_boot, seed)
     result = {}
     for name, vals in values.items():
         vals = np.asarray(vals, dtype=np.float64)

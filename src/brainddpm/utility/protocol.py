@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from brainddpm.errors import BadInputError, ConfigError
+from brainddpm.evaluation.bootstrap import subject_resamples
 from brainddpm.utility.arms import arm_names, build_arm, needs_synthetic
 from brainddpm.utility.downstream import MODELS
 from brainddpm.utility.labels import fit_target, read_labelled, read_split
@@ -183,15 +184,6 @@ def pearson_r(values: np.ndarray, truth: np.ndarray) -> float:
 
 
 SCORES = {"balanced_accuracy": balanced_accuracy, "auroc": auroc, "mae": mae, "pearson_r": pearson_r}
-
-
-def subject_resamples(subjects: list[str], count: int, seed: int) -> list[np.ndarray]:
-    """`count` bootstrap resamples of the test volumes, drawn by subject: each draws as many subjects as
-    there are, with replacement, and takes all volumes (sessions) of each drawn subject."""
-    names = sorted(set(subjects))
-    volumes = [np.flatnonzero(np.asarray(subjects) == s) for s in names]
-    rng = np.random.default_rng(seed)
-    return [np.concatenate([volumes[i] for i in rng.integers(0, len(names), size=len(names))]) for _ in range(count)]
 
 
 def interval(values, confidence: float) -> list[float]:
