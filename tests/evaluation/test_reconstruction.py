@@ -24,7 +24,8 @@ def test_reconstruction_scores_the_sampling_path(tmp_path):
                 "scale_factor": 1.7}, 1)
     val = make_shards(tmp_path / "val", n=5)
     doc = run_reconstruction(tmp_path / "autoencoder.safetensors", val, None, seed=0, n_boot=200,
-                             out=tmp_path / "reconstruction.json", png=tmp_path / "reconstruction.png", device_name="cpu")
+                             out=tmp_path / "reconstruction.json", png=tmp_path / "reconstruction.png",
+                             device_name="cpu")
     assert json.loads((tmp_path / "reconstruction.json").read_text())["n"] == 5
     assert (tmp_path / "reconstruction.png").stat().st_size > 1000
     volumes, _, _ = read_volumes(split_files(val))
