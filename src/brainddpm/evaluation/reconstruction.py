@@ -88,22 +88,10 @@ def run_reconstruction(autoencoder_path: Path, val_dir: Path, decode_cfg: dict |
 
 
 def plot_reconstructions(real: np.ndarray, recon: np.ndarray, png: Path) -> None:
-    """Mid slices of validation volumes [k, 1, D, H, W] (top) and their reconstructions (below)."""
-    import matplotlib
+    """Mid slices of validation volumes [k, 1, D, H, W], each followed by its reconstruction: the sampling
+    stage's contact sheet, one row per volume."""
+    from brainddpm.sampling.sample import contact_sheet
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(real)
-    fig, axes = plt.subplots(2 * k, 3, figsize=(6, 4 * k), squeeze=False)
-    for i in range(k):
-        for row, vol, name in ((2 * i, real[i, 0], f"validation {i}"), (2 * i + 1, recon[i, 0], "reconstruction")):
-            cx, cy, cz = (s // 2 for s in vol.shape)
-            for ax, sl in zip(axes[row], (vol[:, :, cz], vol[:, cy, :], vol[cx, :, :])):
-                ax.imshow(np.rot90(sl), cmap="gray", vmin=0, vmax=1)
-                ax.set_axis_off()
-            axes[row][0].set_title(name, fontsize=7, loc="left")
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    pairs = [v for r, c in zip(real[:, 0], recon[:, 0]) for v in (r, c)]
+    names = [n for i in range(len(real)) for n in (f"validation {i}", "reconstruction")]
+    contact_sheet(np.stack(pairs), names, png)
