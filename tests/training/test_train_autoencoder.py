@@ -116,3 +116,27 @@ def test_discriminator_takes_a_bf16_reconstruction():
     before = [p.detach().clone() for p in disc.net.parameters()]
     disc.micro_step(torch.rand(2, 1, 16, 16, 16), fake.detach().to(torch.bfloat16), boundary=True)
     assert any(not torch.equal(a, p) for a, p in zip(before, disc.net.parameters()))
+
+
+@pytest.mark.slow  # about 40 s on 2 cores: two process starts (torch, MONAI, DeepSpeed)
+def test_two_processes_train_one_autoencoder_and_one_discriminator(tmp_path):
+    """2 gloo processes with the adversarial loss on: each rank sees other volumes, so the two discriminators
+    stay one only through the engine's broadcast and gradient all-reduce; both nets end identical on every
+    rank, and the discriminator did train. (The discriminator is plain torch beside any backend: one backend
+    suffices; without the all-reduce this test fails.)"""
+    from brainddpm.training.launch import submit_training, wait_training
+
+    shards = make_shards(tmp_path / "shards", n=8)
+    cfg = autoencoder_config(train={"backend": "deepspeed", "zero_stage": 1, "micro_batch": 1, "grad_accum": 2,
+                                    "max_steps": 4, "checkpoint_every": 2},
+                             adversarial={"weight": 0.1, "start_step": 1})
+    cfg["launch"] = {**cfg["launch"], "executor": "local", "tasks_per_node": 2, "time_min": 10}
+    result = wait_training(submit_training(cfg, shards, tmp_path / "ae", kind="autoencoder"))
+    assert result["world_size"] == 2 and result["steps"] == 4 and result["kind"] == "autoencoder"
+    assert len(result["weights_sha256"]) == 2 and len(set(result["weights_sha256"])) == 1
+    assert len(result["discriminator_sha256"]) == 2 and len(set(result["discriminator_sha256"])) == 1
+    from brainddpm.training.checkpoint import load_file
+
+    first = load_file(tmp_path / "ae" / "checkpoints" / "step-00000002" / "discriminator.pt")["model"]
+    last = load_file(tmp_path / "ae" / "checkpoints" / "step-00000004" / "discriminator.pt")["model"]
+    assert any(not torch.equal(v, last[k]) for k, v in first.items())  # it trained after the checkpoint at step 2

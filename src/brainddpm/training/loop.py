@@ -199,7 +199,8 @@ def _train(cfg: dict, shards_dir: Path, out_dir: Path, runtime: Runtime, stop: S
         "resumed_from_step": progress.resumed_from, "flops_per_sample": task.flops, "precision": plan.precision,
         "kind": kind,
     }
-    return write_outputs(cfg, out_dir, runtime, net, ema, summary, task.output, task.final_config)
+    discriminator = task.discriminator.net if task.discriminator is not None else None
+    return write_outputs(cfg, out_dir, runtime, net, ema, summary, task.output, task.final_config, discriminator)
 
 
 def data_description(split: Path, files: list[Path]) -> dict:

@@ -122,16 +122,25 @@ def stop_after_checkpoint(stop: StopSignal, runtime: Runtime, step: int, ckpt_ro
                               "lets a rerun resume")
 
 
-def write_outputs(cfg: dict, out_dir: Path, runtime: Runtime, net: torch.nn.Module, ema: dict[str, torch.Tensor],
-                  summary: dict, output: str, final_config: Callable[[dict], dict]) -> dict:
-    """Write the final weights (`output`, with `final_config(ema)` as their config), loss.png and train.json
-    (rank 0); return train.json's content."""
+def rank_digests(net: torch.nn.Module, runtime: Runtime, what: str) -> list[str]:
+    """Every rank's sha256 of `net`'s weights (logged as an error when they differ: the ranks drifted apart)."""
     digests = [weights_digest(net)]
     if runtime.world_size > 1:
         digests = [None] * runtime.world_size
         dist.all_gather_object(digests, weights_digest(net))
         if len(set(digests)) > 1:
-            log.error("the model weights differ between ranks at the end of training: %s", digests)
+            log.error("the %s weights differ between ranks at the end of training: %s", what, digests)
+    return digests
+
+
+def write_outputs(cfg: dict, out_dir: Path, runtime: Runtime, net: torch.nn.Module, ema: dict[str, torch.Tensor],
+                  summary: dict, output: str, final_config: Callable[[dict], dict],
+                  discriminator: torch.nn.Module | None = None) -> dict:
+    """Write the final weights (`output`, with `final_config(ema)` as their config), loss.png and train.json
+    (rank 0); return train.json's content, with every rank's weight digest (and the discriminator's)."""
+    digests = rank_digests(net, runtime, "model")
+    if discriminator is not None:
+        summary = {**summary, "discriminator_sha256": rank_digests(discriminator, runtime, "discriminator")}
     cuda = runtime.device.type == "cuda"
     summary = {
         **summary, "gpu_hours": summary["wall_time_s"] * runtime.world_size / 3600 if cuda else 0.0,
