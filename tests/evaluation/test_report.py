@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from brainddpm.evaluation.report import floor_verdict
+from brainddpm.evaluation.report.study import floor_verdict
 
 
 def _entry(value, low, high):
@@ -23,7 +23,7 @@ def test_verdict_says_within_only_when_the_intervals_overlap():
 def test_the_html_page_carries_the_markdown_with_its_figures(tmp_path):
     import numpy as np
 
-    from brainddpm.evaluation.report import grid_markdown, write_html
+    from brainddpm.evaluation.report.page import grid_markdown, write_html
 
     (tmp_path / "ci.png").write_bytes(b"\x89PNG fake")
     text = "# Report\n\n## Verdict\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![ci](ci.png)\n\n![gone](missing.png)\n"
@@ -76,7 +76,7 @@ MEMO = {"flagged": [], "synthetic_max_corr": [0.9, 0.95], "validation_max_corr":
 
 
 def test_utility_verdict_states_the_result_whatever_it_is():
-    from brainddpm.evaluation.report import utility_verdict
+    from brainddpm.evaluation.report.utility import utility_verdict
 
     assert "**beat** real only on balanced accuracy in 1 of 2" in utility_verdict(_utility_doc(0.15))
     assert "mix-1 with the linear model: +0.150 [+0.100, +0.200]" in utility_verdict(_utility_doc(0.15))
@@ -86,7 +86,8 @@ def test_utility_verdict_states_the_result_whatever_it_is():
 
 
 def test_utility_section_tables_every_arm_and_model_with_cis(tmp_path):
-    from brainddpm.evaluation.report import plot_utility, utility_markdown, write_html
+    from brainddpm.evaluation.report.page import write_html
+    from brainddpm.evaluation.report.utility import plot_utility, utility_markdown
 
     doc = _utility_doc(0.15)
     text = utility_markdown(doc, MEMO)
