@@ -258,3 +258,17 @@ def test_latent_preset_dry_run_on_leonardo_lists_the_latent_dag(tmp_path):
         block = out[out.index(f"rule {rule}:"):]
         block = block[:block.index("Shell command")]
         assert "slurm_partition=boost_usr_prod" in block, (rule, block)
+        if rule.startswith("train"):  # they only submit and watch the submitit job: one thread
+            assert "threads:" not in block, (rule, block)
+
+
+def test_local_training_rules_claim_every_core(tmp_path):
+    """Training on this machine (executor inprocess) takes every core it is given (training/runtime.py), so its
+    rules declare them and Snakemake runs nothing beside them."""
+    proc = snakemake("-n", "--profile", "profiles/local", "--cores", "2", "--configfile", "config/config.yaml", "config/demo.yaml",
+                     "config/demo-latent.yaml", str(demo_overrides(tmp_path)))
+    out = proc.stdout + proc.stderr
+    for rule in ("train_autoencoder", "train"):
+        block = out[out.index(f"rule {rule}:"):]
+        block = block[:block.index("Shell command")]
+        assert f"threads: {min(2, os.cpu_count())}" in block or os.cpu_count() == 1, (rule, block)

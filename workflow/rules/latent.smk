@@ -41,6 +41,7 @@ if LATENT:
             cfg=autoencoder_config(),
             shards=lambda wc, input: os.path.dirname(input.index),
             out=lambda wc, output: os.path.dirname(output.model),
+        threads: TRAINING_THREADS  # common.smk
         resources:
             launch=dumps(config["launch"]),  # where the job runs: not a rerun trigger (see train.smk)
         benchmark:

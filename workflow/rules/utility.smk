@@ -15,9 +15,6 @@ if UTILITY:
             real=f"{R}/shards/val/index.json",
             # only the arms synthetic and mix-<ratio> read the synthetic volumes (of utility.sampler)
             samples=lambda wc: sample_parts(utility_sampler()) if needs_synthetic(wc.arm) else [],
-            # Not read: every part waits for the generator's training, which takes every core of a local machine
-            # (training/runtime.py); a part beside it made the demo's training 8x slower (OpenMP threads waiting)
-            after=MODEL,
         output:
             f"{UTILITY_DIR}/parts/{{arm}}/repeat-{{repeat}}.json",
         wildcard_constraints:
