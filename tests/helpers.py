@@ -176,3 +176,33 @@ def autoencoder_config(**autoencoder) -> dict:
     cfg = tiny_config()
     cfg["autoencoder"] = deep_merge(TINY_AUTOENCODER, autoencoder)
     return autoencoder_training(validate_config(cfg))
+
+
+LATENT_UNET = {"kind": "latent", "channels": [8, 8, 8], "attention_levels": [False, False, True], "num_res_blocks": 1,
+               "num_head_channels": 8, "norm_num_groups": 8, "use_flash_attention": False}
+
+
+def latent_chain(tmp: Path, gpus: int, **train) -> tuple[dict, dict, Path]:
+    """The latent path in one go, as its rules run it: autoencoder (adversarial loss on) -> latent shards and
+    their index -> latent UNet -> 2 sampled volumes decoded (device: the GPU when `gpus`, else the CPU).
+    Returns the two train.json contents and the sample part."""
+    from brainddpm.data.prepare import run_index
+    from brainddpm.encoding.encode import run_encode
+    from brainddpm.training.loop import train as run_train
+
+    device = "cuda" if gpus else "cpu"
+    shards = make_shards(tmp / "shards", n=8)
+    cfg = autoencoder_config(train={"max_steps": 4, "checkpoint_every": 4, **train},
+                             adversarial={"weight": 0.1, "start_step": 1})
+    cfg["launch"] = {**cfg["launch"], "gpus_per_node": gpus}
+    autoencoder_info = run_train(cfg, shards, tmp / "ae", kind="autoencoder")
+    autoencoder = tmp / "ae" / "autoencoder.safetensors"
+    run_encode(autoencoder, shards / "shard-000.h5", tmp / "latents" / "shard-000.h5", device)
+    run_index("train", [tmp / "latents" / "shard-000.h5"], tmp / "latents" / "index.json")
+    latent_cfg = deep_merge(tiny_config(max_steps=3, **train), {"model": LATENT_UNET, "launch": {"gpus_per_node": gpus}})
+    latent_info = run_train(latent_cfg, tmp / "latents", tmp / "run")
+    part = tmp / "samples" / "part-000.h5"
+    sample = {**latent_cfg["sample"], "n": 2, "batch": 2, "jobs": 1, "device": device, "ddim_steps": 4}
+    run_sample(sample, tmp / "run" / "model.safetensors", "ddim", 0, part, tmp / "samples" / "nifti",
+               tmp / "samples" / "sheet.png", autoencoder=autoencoder)
+    return autoencoder_info, latent_info, part

@@ -2,11 +2,14 @@
 
 NCCL in one process, one bf16 training step per backend (eager and compiled), save -> resume on the GPU
 with the same next losses for every backend under the GPU default (`performance: auto`, compiled), and
-sampling that is bit-for-bit the same for one and two jobs at the same batch size, compiled and eager.
+sampling that is bit-for-bit the same for one and two jobs at the same batch size, compiled and eager; the
+latent path (autoencoder with its adversarial loss, encoding, latent UNet, decoding) and the utility stage's
+CNN on the GPU.
 """
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -121,3 +124,31 @@ def test_tutorial_baseline_and_levers_run_on_gpu():
     for levers in (Levers(), Levers(channels_last=True, fused_adam=True), Levers(checkpointing=True, flash=False)):
         r = bench_levers(cfg, shape, 2, 2, gpu, levers, warmup=1)
         assert np.isfinite(r["final_loss"]) and r["samples_per_s"] > 0
+
+
+def test_latent_path_on_gpu(tmp_path):
+    """The latent path's GPU side, never run on a GPU before: the autoencoder with its adversarial loss under
+    the GPU default (bf16, compiled), encoding, a latent UNet and sampling that decodes, all on the GPU."""
+    from helpers import latent_chain
+
+    assert resolve_performance(tiny_config()["performance"], torch.device("cuda")).compile
+    autoencoder, latent, part = latent_chain(tmp_path, gpus=1, backend="deepspeed", precision="bf16")
+    for info in (autoencoder, latent):
+        assert info["device"] != "cpu" and info["precision"] == "bf16" and np.isfinite(info["final_loss"]), info
+    assert len(autoencoder["discriminator_sha256"]) == 1
+    with h5py.File(part) as f:
+        volumes = f["images"][()]
+    assert volumes.shape == (2, 1, *SHAPE) and np.isfinite(volumes).all() and volumes.max() > 0
+
+
+def test_utility_cnn_learns_on_gpu():
+    """The utility stage's downstream CNN takes a free GPU: it learns bright against dark volumes there."""
+    from brainddpm.utility.downstream import cnn_predictions, device
+
+    assert device().type == "cuda"
+    rng = np.random.default_rng(0)
+    labels = np.arange(16) % 2
+    images = (rng.uniform(0, 0.2, (16, 1, *SHAPE)) + 0.6 * labels[:, None, None, None, None]).astype(np.float32)
+    cnn = {"channels": [4, 8], "strides": [2, 2], "steps": 40, "batch": 4, "lr": 1e-3}
+    probabilities = cnn_predictions(images[:12], labels[:12], images[12:], True, 2, cnn, seed=0)
+    assert probabilities.shape == (4, 2) and (probabilities.argmax(1) == labels[12:]).all()
