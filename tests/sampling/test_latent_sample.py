@@ -72,3 +72,16 @@ def test_another_autoencoder_or_scale_is_refused(tmp_path):
     with pytest.raises(BadInputError, match="needs its autoencoder"):
         run_sample(SAMPLE, model_file, "ddim", 0, tmp_path / "p.h5", tmp_path / "n")
     assert not (tmp_path / "p.h5").exists()
+
+
+@pytest.mark.slow  # about 25 s: two trainings, encoding and sampling
+def test_the_latent_chain_in_one_process(tmp_path):
+    """helpers.latent_chain (which test_gpu.py runs on a GPU) on the CPU: trained autoencoder -> latents ->
+    latent UNet -> decoded samples on the training grid."""
+    from helpers import latent_chain
+
+    autoencoder, latent, part = latent_chain(tmp_path, gpus=0)
+    assert autoencoder["kind"] == "autoencoder" and latent["kind"] == "diffusion" and latent["steps"] == 3
+    with h5py.File(part) as f:
+        volumes = f["images"][()]
+    assert volumes.shape == (2, 1, *SHAPE) and np.isfinite(volumes).all() and volumes.max() > 0
