@@ -100,3 +100,21 @@ def test_latent_outputs_agree_on_the_scale_factor(latent_run):
     assert recon["n"] >= 4 and {"psnr", "ssim", "mae"} <= set(recon["metrics"])
     parts = sorted((res / "samples" / RUN / "ddim").glob("nifti-*/*.nii.gz"))
     assert len(parts) == 4, parts
+
+
+def test_activation_checkpointing_is_no_rerun_trigger(latent_run, slurm_cluster):
+    """Switching autoencoder.use_checkpoint (memory, not results) after the run plans nothing; the dry run still
+    hands the new value to the autoencoder's job (a resource, not a parameter)."""
+    tmp = latent_run["tmp"]
+    assert latent_run["proc"].returncode == 0, latent_run["diag"]
+    changed = overrides(tmp)
+    changed["autoencoder"]["use_checkpoint"] = True
+    (tmp / "checkpointing.yaml").write_text(yaml.safe_dump(changed))
+    base = [sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/ci-slurm"]
+    configs = ["--configfile", "config/config.yaml", "config/demo.yaml", str(tmp / "checkpointing.yaml")]
+    proc = subprocess.run([*base, *configs], cwd=ROOT, env=slurm_cluster.env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    proc = subprocess.run([*base, "--forcerun", "train_autoencoder", *configs], cwd=ROOT, env=slurm_cluster.env,
+                          capture_output=True, text=True, timeout=300)
+    assert "--use-checkpoint true" in proc.stdout + proc.stderr, proc.stdout[-3000:]

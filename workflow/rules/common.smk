@@ -53,9 +53,11 @@ def stage_config(*sections, condition=False):
 
 
 def autoencoder_config():
-    """What the autoencoder's training depends on: its section, and train.* with autoencoder.train over it."""
+    """What the autoencoder's training depends on: its section, and train.* with autoencoder.train over it;
+    not use_checkpoint (memory, not results: the rule passes it as a resource, so it retrains nothing)."""
     merged = autoencoder_training(config)
-    return dumps({"run": RUN, "seed": config["seed"], "autoencoder": config["autoencoder"], "train": merged["train"]})
+    section = {k: v for k, v in config["autoencoder"].items() if k != "use_checkpoint"}
+    return dumps({"run": RUN, "seed": config["seed"], "autoencoder": section, "train": merged["train"]})
 
 
 def sampler_config(wildcards):

@@ -44,6 +44,7 @@ if LATENT:
         threads: TRAINING_THREADS  # common.smk
         resources:
             launch=dumps(config["launch"]),  # where the job runs: not a rerun trigger (see train.smk)
+            use_checkpoint=str(config["autoencoder"]["use_checkpoint"]).lower(),  # memory, not results: neither
         benchmark:
             f"{R}/benchmarks/train/{RUN}-autoencoder.tsv"
         log:
@@ -52,7 +53,7 @@ if LATENT:
             "../envs/brainddpm.yaml"
         shell:
             "brainddpm train-autoencoder --config-json {params.cfg:q} --launch-json {resources.launch:q} "
-            "--shards {params.shards} --out {params.out} 2> {log}"
+            "--use-checkpoint {resources.use_checkpoint} --shards {params.shards} --out {params.out} 2> {log}"
 
     rule encode:
         input:

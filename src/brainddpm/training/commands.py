@@ -28,6 +28,10 @@ def cmd_train_autoencoder(args) -> None:
     from brainddpm.config import autoencoder_training
     from brainddpm.training.launch import run_training
 
+    if args.use_checkpoint is not None and args.config_json:  # before validation: the section lacks the key
+        cfg = json.loads(args.config_json)
+        cfg["autoencoder"] = {**cfg.get("autoencoder", {}), "use_checkpoint": args.use_checkpoint == "true"}
+        args.config_json = json.dumps(cfg)
     info = run_training(autoencoder_training(_training_config(args)), args.shards, args.out, kind="autoencoder")
     log.info("autoencoder training finished: %s steps, final loss %s", info.get("steps"), info.get("final_loss"))
 
@@ -73,6 +77,9 @@ def add_commands(sub) -> None:
     _launch_args(p)
     p.add_argument("--shards", type=Path, required=True, help="training split folder of the image shards")
     p.add_argument("--out", type=Path, required=True, help="run folder, e.g. results/autoencoder/reference")
+    p.add_argument("--use-checkpoint", choices=["true", "false"],
+                   help="autoencoder.use_checkpoint apart from --config-json (the workflow passes it as a resource: "
+                        "activation checkpointing trades memory for time, and switching it retrains nothing)")
     p.set_defaults(func=cmd_train_autoencoder)
     p = sub.add_parser("fetch-perceptual-weights", help="download the perceptual loss's network (needs internet)",
                        description="Fetch MONAI's 3D MedicalNet network for the autoencoder's perceptual loss into a "
