@@ -67,6 +67,39 @@ def test_bench_train_goes_through_the_training_engine(backend):
     assert r["flops_per_sample"] > 0 and r["peak_memory_bytes"] > 0
 
 
+@pytest.mark.parametrize("adversarial", [0.0, 0.1])
+def test_bench_train_times_the_autoencoder_with_its_own_objective(adversarial):
+    """kind="autoencoder" times the network the autoencoder's training run builds (not the UNet), on
+    volumes padded to pad_multiple, with the discriminator when its weight is on, and really steps it."""
+    from helpers import TINY_AUTOENCODER
+
+    from brainddpm.config import deep_merge
+    from brainddpm.models.autoencoder import build_autoencoder, build_discriminator
+
+    ae = deep_merge(TINY_AUTOENCODER, {"pad_multiple": 8, "use_checkpoint": True,
+                                       "adversarial": {"weight": adversarial, "start_step": 0},
+                                       "train": {"lr": 1e-3}})
+    cfg = base_config(model=TINY, launch={"gpus_per_node": 0}, autoencoder=ae)
+    r = bench_train(cfg, (12, 16, 12), batch=1, steps=2, warmup=1, kind="autoencoder", ema=True)
+    assert r["kind"] == "autoencoder" and r["channels"] == 1
+    assert r["parameters"] == sum(p.numel() for p in build_autoencoder(ae).parameters())
+    expected = sum(p.numel() for p in build_discriminator(ae["adversarial"]).parameters()) if adversarial else 0
+    assert r["discriminator_parameters"] == expected
+    assert torch.isfinite(torch.tensor(r["final_loss"])) and r["final_loss"] > 0
+    assert r["weight_checksum_change"] != 0.0  # the optimizer stepped the autoencoder's weights
+    assert r["flops_per_sample"] > 0 and r["samples_per_s"] > 0
+
+
+def test_bench_train_times_a_latent_unet_on_latent_channels():
+    cfg = base_config(model=TINY, launch={"gpus_per_node": 0})
+    r = bench_train(cfg, (8, 8, 8), batch=2, steps=1, warmup=1, channels=3)
+    assert r["kind"] == "diffusion" and r["channels"] == 3
+    assert r["parameters"] == sum(p.numel() for p in build_model(TINY, channels=3).parameters())
+    assert r["flops_per_sample"] > 0 and r["weight_checksum_change"] != 0.0
+    with pytest.raises(ValueError, match="kind"):
+        bench_train(cfg, (8, 8, 8), batch=2, steps=1, kind="vae")
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_loss_target_follows_the_prediction_type(prediction_type):
     """A model that outputs the exact target has zero loss: the target is what the scheduler expects."""

@@ -1,8 +1,10 @@
 """Training throughput through the training loop's own engine: samples/s, MFU and peak memory.
 
 `bench_train` builds the same `Engine` the training loop uses (DeepSpeed, Accelerate or DDP, with the
-configured precision), so the figure it prints is the figure of that backend, not of a bare model.
-Timing is CUDA-synchronised and excludes `warmup` steps (cuDNN autotuning, allocator growth).
+configured precision), so the figure it prints is the figure of that backend, not of a bare model; it
+times any network the workflow trains (training/tasks.py): the diffusion UNet on volumes or on latents,
+or the autoencoder with its objective and discriminator. Timing is CUDA-synchronised and excludes
+`warmup` steps (cuDNN autotuning, allocator growth).
 
 `bench_baseline` times the MONAI 3D DDPM tutorial's training step as a user copies it (MONAI's
 `DiffusionInferer`, `torch.autocast` fp16 with a `GradScaler`, no compile, no cuDNN autotuning, a
@@ -27,13 +29,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from brainddpm.config import performance_section
+from brainddpm.config import autoencoder_training, performance_section
 from brainddpm.device import resolve_performance
+from brainddpm.models.autoencoder import build_autoencoder
 from brainddpm.models.diffusion import build_model, build_scheduler, diffusion_loss, use_low_precision_norms
 from brainddpm.training.engine import Engine, RunPlan, ema_decay_at, ema_update
-from brainddpm.training.objectives import DiffusionObjective
+from brainddpm.training.objectives import AutoencoderObjective, DiffusionObjective, Discriminator
 from brainddpm.training.perf import (
     autocast,
+    count_flops,
     device_name,
     flops_per_sample,
     mfu,
@@ -44,21 +48,34 @@ from brainddpm.training.perf import (
 )
 from brainddpm.training.runtime import scoped_environment, setup_runtime
 
+KINDS = ("diffusion", "autoencoder")
+
 
 def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3, ema: bool = False,
-                memory_cap_bytes: int | None = None, profile_steps: int = 0) -> dict:
+                memory_cap_bytes: int | None = None, profile_steps: int = 0, kind: str = "diffusion",
+                channels: int = 1) -> dict:
     """Time `steps` optimizer steps of `batch` random volumes after `warmup` untimed ones, in this process.
 
-    `cfg` needs the model, scheduler, train and launch sections; train.backend and train.precision pick
-    the engine and precision exactly as in training (gradient accumulation 1, micro-batch `batch`), and
-    the `performance` section (compile, channels-last, bf16 GroupNorm) as training resolves it for the
-    device. `ema`: also update an fp32 EMA of the weights after each step, as the training loop does.
+    `cfg` needs the model, scheduler, train and launch sections (and autoencoder for that kind); train.backend
+    and train.precision pick the engine and precision exactly as in training (gradient accumulation 1,
+    micro-batch `batch`), and the `performance` section (compile, channels-last, bf16 GroupNorm) as training
+    resolves it for the device. `ema`: also update an fp32 EMA of the weights after each step, as the
+    training loop does.
+    `kind`: "diffusion", the UNet on inputs of `channels` channels (1 for volumes; the autoencoder's latent
+    channels for a latent model, `target_shape` then being the latent's), or "autoencoder", AutoencoderKL
+    with the training loop's objective (whole volumes padded to autoencoder.pad_multiple, or patches) and
+    its discriminator when autoencoder.adversarial.weight > 0, active from its start_step; `cfg["train"]`
+    is then overlaid with autoencoder.train, as the autoencoder's training run sees it. The perceptual loss
+    is left out: its weights are never downloaded by a job.
     `memory_cap_bytes`: on a GPU, allow this process no more device memory than that
     (`torch.cuda.set_per_process_memory_fraction`), e.g. a LEONARDO A100's 64 GB on a larger GPU.
     The warm-up steps carry cuDNN's autotuning and the compilation: their time is `warmup_s`.
     `profile_steps`: after the timed steps, run this many more under torch.profiler and return the device
     time per step of each kernel (`kernels_s_per_step`), for the same compiled engine.
     """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    cfg = autoencoder_training(cfg) if kind == "autoencoder" else cfg
     train_cfg = {**cfg["train"], "micro_batch": batch, "grad_accum": 1}
     with scoped_environment():
         runtime = setup_runtime(train_cfg["backend"], cfg["launch"]["gpus_per_node"],
@@ -68,15 +85,14 @@ def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3
         if memory_cap_bytes and device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_bytes / total), device)
-        torch.manual_seed(0)
-        net = build_model(cfg["model"]).to(device).train()
-        scheduler = build_scheduler(cfg["scheduler"])
         plan = RunPlan(batch, 1, 1, steps, warmup + steps, use_bf16(train_cfg["precision"], device))
-        flops = flops_per_sample(net, target_shape, device, plan.bf16, scheduler.num_train_timesteps)
-        engine = Engine(train_cfg, plan, runtime, net, DiffusionObjective(scheduler), performance)
-        x = torch.rand(batch, 1, *target_shape, device=device)
+        network = _network(kind, cfg, target_shape, channels, runtime, plan.bf16)
+        net = network.net
+        engine = Engine(train_cfg, plan, runtime, net, network.objective, performance, network.discriminator)
+        x = torch.rand(batch, network.channels, *target_shape, device=device)
         generator = torch.Generator(device=device).manual_seed(0)
         averaged = {k: v.detach().clone().float() for k, v in net.state_dict().items()} if ema else None
+        checksum = _checksum(net)
         try:
             t0, t_first = 0.0, time.perf_counter()
             warmup_s = 0.0
@@ -86,14 +102,15 @@ def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3
                     warmup_s = time.perf_counter() - t_first
                     reset_peak_memory(device)
                     t0 = time.perf_counter()
-                loss = engine.micro_step(x, generator, boundary=True)
+                loss = engine.micro_step(x, generator, boundary=True, step=i)
                 if averaged is not None:
                     ema_update(averaged, net, ema_decay_at(i, cfg["train"]["ema_decay"]))
             synchronize(device)
             elapsed = time.perf_counter() - t0
             peak = peak_memory(device)
-            kernels = _profile(lambda: engine.micro_step(x, generator, boundary=True), device, profile_steps) \
-                if profile_steps else None
+            kernels = _profile(lambda: engine.micro_step(x, generator, boundary=True, step=warmup + steps),
+                               device, profile_steps) if profile_steps else None
+            checksum = _checksum(net) - checksum
         finally:
             engine.close()
             if memory_cap_bytes and device.type == "cuda":
@@ -103,16 +120,61 @@ def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3
             if runtime.owns_group and runtime.world_size > 1 and dist.is_initialized():
                 dist.destroy_process_group()
     samples_per_s = steps * batch / elapsed
+    flops = network.flops
     return {
         "device": device_name(device), "backend": train_cfg["backend"], "precision": plan.precision,
+        "kind": kind, "channels": network.channels,
         "performance": {k: v for k, v in asdict(performance).items() if k != "compile_backend"},
         "memory_cap_bytes": memory_cap_bytes, "warmup_steps": warmup, "warmup_s": warmup_s,
         "batch": batch, "steps": steps, "target_shape": list(target_shape),
-        "parameters": sum(p.numel() for p in net.parameters()), "steps_per_s": steps / elapsed,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "discriminator_parameters": network.discriminator_parameters, "steps_per_s": steps / elapsed,
         "samples_per_s": samples_per_s, "flops_per_sample": flops, "tflops_per_s": flops * samples_per_s / 1e12,
         "mfu": mfu(flops, samples_per_s, device, plan.precision), "peak_memory_bytes": peak,
-        "final_loss": float(loss), "ema": ema, "kernels_s_per_step": kernels,
+        "final_loss": float(loss), "weight_checksum_change": checksum, "ema": ema, "kernels_s_per_step": kernels,
     }
+
+
+@dataclass(frozen=True)
+class BenchNetwork:
+    net: torch.nn.Module
+    objective: object
+    discriminator: Discriminator | None
+    flops: int | None
+    channels: int
+
+    @property
+    def discriminator_parameters(self) -> int:
+        return sum(p.numel() for p in self.discriminator.net.parameters()) if self.discriminator else 0
+
+
+def _network(kind: str, cfg: dict, target_shape, channels: int, runtime, bf16: bool) -> BenchNetwork:
+    """The network `kind` as training/tasks.py builds it, its objective, discriminator and FLOPs per sample
+    (one forward and backward, counted the way the training loop counts them for its MFU)."""
+    device = runtime.device
+    torch.manual_seed(0)
+    if kind == "diffusion":
+        net = build_model(cfg["model"], channels=channels).to(device).train()
+        scheduler = build_scheduler(cfg["scheduler"])
+        flops = flops_per_sample(net, target_shape, device, bf16, scheduler.num_train_timesteps, channels=channels)
+        return BenchNetwork(net, DiffusionObjective(scheduler), None, flops, channels)
+    ae_cfg = cfg["autoencoder"]
+    net = build_autoencoder(ae_cfg).to(device).train()
+    discriminator = None
+    if ae_cfg["adversarial"]["weight"] > 0:
+        discriminator = Discriminator(ae_cfg["adversarial"], cfg["train"], device, bf16, 1, runtime.world_size)
+    objective = AutoencoderObjective(ae_cfg, discriminator)
+    example = list(ae_cfg["patch"]) if ae_cfg.get("patch") else list(target_shape)
+    # as tasks.autoencoder_task: the autoencoder's passes only (with use_checkpoint, its recomputation too)
+    flops = count_flops(lambda x: net(objective.inputs(x, torch.Generator(x.device)))[0], net, [1, *example],
+                        device, bf16)
+    return BenchNetwork(net, objective, discriminator, flops, 1)
+
+
+@torch.no_grad()
+def _checksum(net: torch.nn.Module) -> float:
+    """Sum of all weights in float64: its change over the timed steps shows the optimizer really stepped."""
+    return float(sum(p.detach().double().sum() for p in net.parameters()))
 
 
 def _profile(step, device: torch.device, steps: int) -> dict[str, float]:
