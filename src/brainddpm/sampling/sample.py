@@ -200,8 +200,9 @@ def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out:
         context = torch.from_numpy(encoding.vectors([r["covariates"] for r in requested])) if encoding else None
         x = denoise(model, scheduler, seeds, noise_shape[1:], device, progress=sys.stderr.isatty(), context=context,
                     guidance_scale=plan.get("guidance_scale", 1.0), channels=noise_shape[0], clip=decoder is None)
-        if decoder is not None:
-            x = decode_latents(decoder, x.to(device), config["data"]["scale_factor"], shape, decode_cfg).cpu()
+        if decoder is not None:  # one volume at a time: a 1 mm decode holds several GB of activations per volume
+            x = torch.cat([decode_latents(decoder, z[None].to(device), config["data"]["scale_factor"], shape,
+                                          decode_cfg).cpu() for z in x])
         for k, (i, vol) in enumerate(zip(batch, x.numpy())):
             vols.append(vol[0])
             meta.append({"subject": f"synthetic-{i:04d}", "session": f"seed-{sample_cfg['base_seed'] + i}",
