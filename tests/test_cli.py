@@ -83,3 +83,27 @@ def test_performance_comes_from_the_option_or_the_workflow_variable(monkeypatch)
         with_performance({}, SimpleNamespace(performance_json="{compile"))
     with pytest.raises(ConfigError, match="performance.compile"):
         with_performance({}, SimpleNamespace(performance_json='{"compile": "sometimes"}'))
+
+
+def test_use_checkpoint_reaches_the_autoencoder_from_either_config_source():
+    """train-autoencoder's --use-checkpoint (the workflow keeps it out of the params) wins over --config files and
+    completes a --config-json that lacks it, as the workflow's does."""
+    import json
+
+    from brainddpm.config import load_config
+    from brainddpm.errors import ConfigError
+    from brainddpm.training.commands import autoencoder_job_config
+
+    files = ["config/config.yaml", "config/demo.yaml", "config/latent.yaml"]
+    common = ["--shards", "s", "--out", "o"]
+    parse = build_parser().parse_args
+    assert load_config(files)["autoencoder"]["use_checkpoint"] is True
+    cfg = autoencoder_job_config(parse(["train-autoencoder", "--config", *files, "--use-checkpoint", "false", *common]))
+    assert cfg["autoencoder"]["use_checkpoint"] is False
+    full = load_config(files)
+    section = {k: v for k, v in full["autoencoder"].items() if k != "use_checkpoint"}
+    job = json.dumps({"run": "r", "seed": 1, "autoencoder": section, "train": full["train"]})
+    cfg = autoencoder_job_config(parse(["train-autoencoder", "--config-json", job, "--use-checkpoint", "true", *common]))
+    assert cfg["autoencoder"]["use_checkpoint"] is True
+    with pytest.raises(ConfigError, match="autoencoder.use_checkpoint"):
+        autoencoder_job_config(parse(["train-autoencoder", "--config-json", job, *common]))

@@ -25,13 +25,15 @@ def config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config-json", metavar="JSON", help="validated config sections as JSON (used by the workflow)")
 
 
-def load_args_config(args) -> dict:
-    """The configuration that `config_args` asked for, validated (in part, for `--config-json`)."""
-    from brainddpm.config import load_config, validate_config
+def load_args_config(args, overrides: dict | None = None) -> dict:
+    """The configuration that `config_args` asked for, validated (in part, for `--config-json`); `overrides`:
+    keys a command takes apart from the config (merged over it, before the validation)."""
+    from brainddpm.config import deep_merge, load_config, validate_config
 
     if args.config_json:
-        return validate_config(json.loads(args.config_json), partial=True)
-    return load_config(args.config)
+        return validate_config(deep_merge(json.loads(args.config_json), overrides or {}), partial=True)
+    cfg = load_config(args.config)
+    return validate_config(deep_merge(cfg, overrides)) if overrides else cfg
 
 
 def performance_args(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from helpers import autoencoder_config, make_shards
 from brainddpm.data.shards import read_volumes, split_files
 from brainddpm.models.autoencoder import build_autoencoder, encode_volumes, load_autoencoder
 from brainddpm.models.final import read_final
+from brainddpm.training.checkpoint import load_file
 from brainddpm.training.loop import train
 
 
@@ -61,8 +62,6 @@ def test_autoencoder_resume_is_exact(tmp_path, adversarial):
     _, b = read_final(tmp_path / "resumed" / "autoencoder.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if adversarial:
-        from brainddpm.training.checkpoint import load_file
-
         d1 = load_file(tmp_path / "straight" / "checkpoints" / "step-00000006" / "discriminator.pt")
         d2 = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000006" / "discriminator.pt")
         assert all(torch.equal(v, d2["model"][k]) for k, v in d1["model"].items())
@@ -135,8 +134,6 @@ def test_two_processes_train_one_autoencoder_and_one_discriminator(tmp_path):
     assert result["world_size"] == 2 and result["steps"] == 4 and result["kind"] == "autoencoder"
     assert len(result["weights_sha256"]) == 2 and len(set(result["weights_sha256"])) == 1
     assert len(result["discriminator_sha256"]) == 2 and len(set(result["discriminator_sha256"])) == 1
-    from brainddpm.training.checkpoint import load_file
-
     first = load_file(tmp_path / "ae" / "checkpoints" / "step-00000002" / "discriminator.pt")["model"]
     last = load_file(tmp_path / "ae" / "checkpoints" / "step-00000004" / "discriminator.pt")["model"]
     assert any(not torch.equal(v, last[k]) for k, v in first.items())  # it trained after the checkpoint at step 2

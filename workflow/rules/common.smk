@@ -102,11 +102,17 @@ def latent_files(wildcards):
     """Latent shards of one split (latent.smk): one per image shard, known once the split checkpoint has run."""
     return [f.replace(f"{R}/shards/", f"{LATENTS}/", 1) for f in shard_files(wildcards)]
 MODEL = f"{TRAIN_DIR}/model.safetensors"
-# With launch.executor inprocess or local the training processes run on this machine, and on CPUs they take
-# every core they may use (training/runtime.py), so the training rules declare every core: Snakemake, which
-# caps a rule's threads at --cores, then runs nothing beside them. (Beside them, a 1-thread job slowed the
-# demo's training 8x: OpenMP threads waiting for a core.) With executor slurm the rules only submit and watch.
-TRAINING_THREADS = 1 if config["launch"]["executor"] == "slurm" else (os.cpu_count() or 1)
+def training_threads(wildcards):
+    """The training rules' threads. Run by Snakemake on this machine with launch.executor inprocess or local,
+    the training processes take every core they may use on CPUs (training/runtime.py), so the rules declare
+    them: Snakemake, which caps a rule's threads at --cores, then runs nothing beside them. (Beside them, a
+    1-thread job slowed the demo's training 8x: OpenMP threads waiting for a core.) One thread where the rules
+    only submit and watch a job (executor slurm), and under a cluster executor, whose profile sizes the job
+    (threads would become its --cpus-per-task, uncapped). A function: Snakemake knows its executor only once
+    the jobs are made, not while it reads this file."""
+    if config["launch"]["executor"] == "slurm" or workflow.non_local_exec:
+        return 1
+    return len(os.sched_getaffinity(0))
 SAMPLES = f"{R}/samples/{RUN}"
 EVAL = f"{R}/eval/{RUN}"
 SAMPLERS = config["sample"]["samplers"]

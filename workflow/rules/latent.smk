@@ -41,10 +41,11 @@ if LATENT:
             cfg=autoencoder_config(),
             shards=lambda wc, input: os.path.dirname(input.index),
             out=lambda wc, output: os.path.dirname(output.model),
-        threads: TRAINING_THREADS  # common.smk
+        threads: training_threads  # common.smk
         resources:
             launch=dumps(config["launch"]),  # where the job runs: not a rerun trigger (see train.smk)
-            use_checkpoint=str(config["autoencoder"]["use_checkpoint"]).lower(),  # memory, not results: neither
+            # memory, not results: no rerun trigger (not in params: common.smk autoencoder_config)
+            use_checkpoint=str(config["autoencoder"]["use_checkpoint"]).lower(),
         benchmark:
             f"{R}/benchmarks/train/{RUN}-autoencoder.tsv"
         log:

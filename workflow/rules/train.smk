@@ -22,7 +22,7 @@ rule train:
         cfg=stage_config("run", "seed", "model", "scheduler", "train", condition=True),
         shards=lambda wc, input: os.path.dirname(input.index),
         out=lambda wc, output: os.path.dirname(output.model),
-    threads: TRAINING_THREADS  # common.smk
+    threads: training_threads  # common.smk
     resources:
         # Where and how the job runs (nodes, qos, time, requeues, setup lines): like any resource it is
         # not a rerun trigger, so a finished model is not retrained after such a change (params are).

@@ -138,14 +138,14 @@ def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3
 @dataclass(frozen=True)
 class BenchNetwork:
     net: torch.nn.Module
-    objective: object
+    objective: DiffusionObjective | AutoencoderObjective
     discriminator: Discriminator | None
     flops: int | None
     channels: int
 
     @property
     def discriminator_parameters(self) -> int:
-        return sum(p.numel() for p in self.discriminator.net.parameters()) if self.discriminator else 0
+        return sum(p.numel() for p in self.discriminator.net.parameters()) if self.discriminator is not None else 0
 
 
 def _network(kind: str, cfg: dict, target_shape, channels: int, runtime, bf16: bool) -> BenchNetwork:
@@ -173,7 +173,8 @@ def _network(kind: str, cfg: dict, target_shape, channels: int, runtime, bf16: b
 
 @torch.no_grad()
 def _checksum(net: torch.nn.Module) -> float:
-    """Sum of all weights in float64: its change over the timed steps shows the optimizer really stepped."""
+    """Sum of all weights in float64: its change over the whole bench (warm-up, timed and profiled steps) shows
+    the optimizer really stepped. Under ZeRO-3 this process holds only its partition: read 0 there."""
     return float(sum(p.detach().double().sum() for p in net.parameters()))
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from brainddpm.commandline import config_args, load_args_config, log, performance_args, with_performance
 
 
-def _training_config(args) -> dict:
+def _training_config(args, overrides: dict | None = None) -> dict:
     from brainddpm.config import validate_config
 
-    cfg = load_args_config(args)
+    cfg = load_args_config(args, overrides)
     if args.launch_json:  # the workflow passes `launch` apart: where a job runs does not retrain a model
         cfg = validate_config({**cfg, "launch": json.loads(args.launch_json)}, partial=True)
     return with_performance(cfg, args)
@@ -24,15 +24,19 @@ def cmd_train(args) -> None:
     log.info("training finished: %s steps, final loss %s", info.get("steps"), info.get("final_loss"))
 
 
-def cmd_train_autoencoder(args) -> None:
+def autoencoder_job_config(args) -> dict:
+    """The autoencoder's training config: --config or --config-json, `launch` and `--use-checkpoint` (both kept
+    apart from it by the workflow: no rerun triggers) merged in, autoencoder.train over train.*."""
     from brainddpm.config import autoencoder_training
+
+    overrides = {"autoencoder": {"use_checkpoint": args.use_checkpoint == "true"}} if args.use_checkpoint else None
+    return autoencoder_training(_training_config(args, overrides))
+
+
+def cmd_train_autoencoder(args) -> None:
     from brainddpm.training.launch import run_training
 
-    if args.use_checkpoint is not None and args.config_json:  # before validation: the section lacks the key
-        cfg = json.loads(args.config_json)
-        cfg["autoencoder"] = {**cfg.get("autoencoder", {}), "use_checkpoint": args.use_checkpoint == "true"}
-        args.config_json = json.dumps(cfg)
-    info = run_training(autoencoder_training(_training_config(args)), args.shards, args.out, kind="autoencoder")
+    info = run_training(autoencoder_job_config(args), args.shards, args.out, kind="autoencoder")
     log.info("autoencoder training finished: %s steps, final loss %s", info.get("steps"), info.get("final_loss"))
 
 
