@@ -6,7 +6,8 @@
 #        at it. A second call on the still-warm machine resumes: measured sections are kept, skipped and
 #        failed ones run again (the rerun).
 # smoke: the one-GPU latent dry run (config/gpu-smoke-latent.yaml) under `timeout SECONDS`; needs snakemake,
-#        which is neither on the machine's image nor in .device-wheels: carry its wheels to run it.
+#        which is not on the machine's image: add its wheels to .device-wheels first
+#        (docs/experiments/device-snakemake-wheels.sh).
 # The project's wheels (.device-wheels, carried) are installed only where they are missing.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
