@@ -101,7 +101,11 @@ PERCEPTUAL_READY = (f"{PERCEPTUAL['cache_dir']}/.brainddpm-{PERCEPTUAL['network'
 def latent_files(wildcards):
     """Latent shards of one split (latent.smk): one per image shard, known once the split checkpoint has run."""
     return [f.replace(f"{R}/shards/", f"{LATENTS}/", 1) for f in shard_files(wildcards)]
+
+
 MODEL = f"{TRAIN_DIR}/model.safetensors"
+
+
 def training_threads(wildcards):
     """The training rules' threads. Run by Snakemake on this machine with launch.executor inprocess or local,
     the training processes take every core they may use on CPUs (training/runtime.py), so the rules declare
@@ -113,6 +117,8 @@ def training_threads(wildcards):
     if config["launch"]["executor"] == "slurm" or workflow.non_local_exec:
         return 1
     return len(os.sched_getaffinity(0))
+
+
 SAMPLES = f"{R}/samples/{RUN}"
 EVAL = f"{R}/eval/{RUN}"
 SAMPLERS = config["sample"]["samplers"]
