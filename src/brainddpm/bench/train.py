@@ -31,13 +31,11 @@ import torch.nn.functional as F
 
 from brainddpm.config import autoencoder_training, performance_section
 from brainddpm.device import resolve_performance
-from brainddpm.models.autoencoder import build_autoencoder
 from brainddpm.models.diffusion import build_model, build_scheduler, diffusion_loss, use_low_precision_norms
 from brainddpm.training.engine import Engine, RunPlan, ema_decay_at, ema_update
 from brainddpm.training.objectives import AutoencoderObjective, DiffusionObjective, Discriminator
 from brainddpm.training.perf import (
     autocast,
-    count_flops,
     device_name,
     flops_per_sample,
     mfu,
@@ -47,6 +45,7 @@ from brainddpm.training.perf import (
     use_bf16,
 )
 from brainddpm.training.runtime import scoped_environment, setup_runtime
+from brainddpm.training.tasks import autoencoder_flops, autoencoder_parts
 
 KINDS = ("diffusion", "autoencoder")
 
@@ -158,16 +157,9 @@ def _network(kind: str, cfg: dict, target_shape, channels: int, runtime, bf16: b
         scheduler = build_scheduler(cfg["scheduler"])
         flops = flops_per_sample(net, target_shape, device, bf16, scheduler.num_train_timesteps, channels=channels)
         return BenchNetwork(net, DiffusionObjective(scheduler), None, flops, channels)
-    ae_cfg = cfg["autoencoder"]
-    net = build_autoencoder(ae_cfg).to(device).train()
-    discriminator = None
-    if ae_cfg["adversarial"]["weight"] > 0:
-        discriminator = Discriminator(ae_cfg["adversarial"], cfg["train"], device, bf16, 1, runtime.world_size)
-    objective = AutoencoderObjective(ae_cfg, discriminator)
-    example = list(ae_cfg["patch"]) if ae_cfg.get("patch") else list(target_shape)
-    # as tasks.autoencoder_task: the autoencoder's passes only (with use_checkpoint, its recomputation too)
-    flops = count_flops(lambda x: net(objective.inputs(x, torch.Generator(x.device)))[0], net, [1, *example],
-                        device, bf16)
+    net, objective, discriminator = autoencoder_parts(cfg["autoencoder"], cfg["train"], runtime, bf16, 1,
+                                                      perceptual=False)
+    flops = autoencoder_flops(net, objective, cfg["autoencoder"], target_shape, device, bf16)
     return BenchNetwork(net, objective, discriminator, flops, 1)
 
 

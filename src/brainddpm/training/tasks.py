@@ -102,25 +102,40 @@ def autoencoder_task(cfg: dict, dataset: ShardDataset, split: Path, data_meta: d
         raise ConfigError(f"config key 'autoencoder.patch': {ae_cfg['patch']} is larger than the volumes "
                           f"({data_meta['target_shape']}) of {split}")
     torch.manual_seed(cfg["seed"])
-    net = build_autoencoder(ae_cfg).to(runtime.device).train()
-    adversarial = ae_cfg["adversarial"]
-    discriminator = None
-    if adversarial["weight"] > 0:
-        discriminator = Discriminator(adversarial, cfg["train"], runtime.device, plan.bf16,
-                                      plan.gradient_accumulation_steps, runtime.world_size)
-    perceptual = perceptual_loss(ae_cfg["perceptual"]).to(runtime.device) if ae_cfg["perceptual"]["weight"] > 0 \
-        else None
-    objective = AutoencoderObjective(ae_cfg, discriminator, perceptual)
+    net, objective, discriminator = autoencoder_parts(ae_cfg, cfg["train"], runtime, plan.bf16,
+                                                      plan.gradient_accumulation_steps)
 
     def final_config(ema: dict) -> dict:
         scale = latent_scale_factor(ema, ae_cfg, dataset, runtime.device)
         return {"kind": "autoencoder", "autoencoder": ae_cfg, "data": data_meta, "scale_factor": scale}
 
-    example = list(ae_cfg["patch"]) if ae_cfg.get("patch") else data_meta["target_shape"]
-    flops = count_flops(lambda x: net(objective.inputs(x, torch.Generator(x.device)))[0], net, [1, *example],
-                        runtime.device, plan.bf16) if peak_flops(runtime.device) else None
+    flops = autoencoder_flops(net, objective, ae_cfg, data_meta["target_shape"], runtime.device, plan.bf16) \
+        if peak_flops(runtime.device) else None
     return Task("autoencoder", net, objective, "autoencoder.safetensors", ("autoencoder", "seed"), final_config,
                 flops, discriminator)
+
+
+def autoencoder_parts(ae_cfg: dict, train_cfg: dict, runtime: Runtime, bf16: bool, accumulation: int,
+                      perceptual: bool = True) -> tuple[torch.nn.Module, AutoencoderObjective, Discriminator | None]:
+    """The autoencoder on the runtime's device, its objective and its discriminator (adversarial weight > 0).
+    `perceptual`: False leaves the perceptual loss out (the benchmark: its weights are never downloaded)."""
+    net = build_autoencoder(ae_cfg).to(runtime.device).train()
+    discriminator = None
+    if ae_cfg["adversarial"]["weight"] > 0:
+        discriminator = Discriminator(ae_cfg["adversarial"], train_cfg, runtime.device, bf16, accumulation,
+                                      runtime.world_size)
+    loss = perceptual_loss(ae_cfg["perceptual"]).to(runtime.device) \
+        if perceptual and ae_cfg["perceptual"]["weight"] > 0 else None
+    return net, AutoencoderObjective(ae_cfg, discriminator, loss), discriminator
+
+
+def autoencoder_flops(net: torch.nn.Module, objective: AutoencoderObjective, ae_cfg: dict, target_shape,
+                      device: torch.device, bf16: bool) -> int:
+    """FLOPs of one training forward + backward of the autoencoder alone on one input (a patch, or the volume
+    padded), its recomputation included with use_checkpoint."""
+    example = list(ae_cfg["patch"]) if ae_cfg.get("patch") else list(target_shape)
+    return count_flops(lambda x: net(objective.inputs(x, torch.Generator(x.device)))[0], net, [1, *example],
+                       device, bf16)
 
 
 SCALE_VOLUMES = 64  # training volumes the latent scale factor is estimated on
