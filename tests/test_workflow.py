@@ -126,6 +126,12 @@ def test_rerun_does_nothing_and_sampling_changes_rerun_only_downstream(demo_run)
     assert rules == {"sample_part", "features", "bootstrap", "gather_metrics", "memorization", "report", "all"}
 
 
+def _rule_block(out: str, rule: str) -> str:
+    """A dry run's lines about the first job of `rule`, up to its shell command (profiles that print it)."""
+    block = out[out.index(f"rule {rule}:"):]
+    return block[:block.index("Shell command")]
+
+
 def _planned_jobs(proc) -> dict[str, int]:
     out = proc.stdout + proc.stderr
     if "Nothing to be done" in out:
@@ -255,8 +261,7 @@ def test_latent_preset_dry_run_on_leonardo_lists_the_latent_dag(tmp_path):
     assert {"train_autoencoder", "latent_index", "train", "reconstruction", "sample_part", "report"} <= set(jobs), jobs
     assert jobs["latent_index"] == 2  # the training and the validation latents
     for rule in ("train_autoencoder", "train", "reconstruction", "sample_part"):
-        block = out[out.index(f"rule {rule}:"):]
-        block = block[:block.index("Shell command")]
+        block = _rule_block(out, rule)
         assert "slurm_partition=boost_usr_prod" in block, (rule, block)
         if rule.startswith("train"):  # they only submit and watch the submitit job: one thread
             assert "threads:" not in block, (rule, block)
@@ -269,6 +274,5 @@ def test_local_training_rules_claim_every_core(tmp_path):
                      "config/demo-latent.yaml", str(demo_overrides(tmp_path)))
     out = proc.stdout + proc.stderr
     for rule in ("train_autoencoder", "train"):
-        block = out[out.index(f"rule {rule}:"):]
-        block = block[:block.index("Shell command")]
+        block = _rule_block(out, rule)
         assert f"threads: {min(2, os.cpu_count())}" in block or os.cpu_count() == 1, (rule, block)
