@@ -26,3 +26,8 @@ include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/utility.smk"
+
+
+# what the data stage took in and left out, per dataset and reason: on the console, not only in a log
+onsuccess:
+    print_data_summary()

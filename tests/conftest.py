@@ -38,6 +38,36 @@ def _start_cluster(workdir, **kwargs):
         unavailable(str(e))
 
 
+def on_slurm(nodeid: str) -> bool:
+    """A test that uses a SLURM test cluster: its file or its name says slurm (tests/test_slurm_*.py,
+    tests/training/test_slurm_multinode.py, test_launch.py's test_*slurm* tests)."""
+    path, _, name = nodeid.partition("::")
+    return "slurm" in Path(path).name or "slurm" in name
+
+
+def pytest_collection_modifyitems(config, items):
+    """The SLURM tests first: under pytest-xdist their worker starts on the longest chain (below)."""
+    items[:] = sorted(items, key=lambda item: not on_slurm(item.nodeid))
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it (-p no:xdist) it is not called
+def pytest_xdist_make_scheduler(config, log):
+    """Which tests run together under pytest-xdist (`make test`: two workers). Every SLURM test goes to one
+    worker: they share the session's one-node cluster, which claims /run/slurm/conf and so exists once per
+    machine, and most of their time is the SLURM plugin's status polling, which the other worker fills with
+    the CPU tests. Every other test stays with its module, so that a module's fixtures (a whole demo run,
+    trained models) are built once, as without xdist. A scheduler of our own, because xdist 3.8's
+    `xdist_group` marks do not group under pytest 9.2 (the id suffix it sets is not seen)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlurmTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "slurm" if on_slurm(nodeid) else nodeid.split("::")[0]
+
+    config.option.loadscopereorder = False  # collection order: the SLURM group is handed out first
+    return SlurmTogether(config, log)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failed test that used a SLURM test cluster reports the cluster's queue, nodes and daemon logs."""

@@ -30,6 +30,8 @@ def base_config(**overrides) -> dict:
         "model": {"channels": [8, 8, 8], "num_res_blocks": 1, "num_head_channels": 8, "norm_num_groups": 8,
                   "use_flash_attention": False},
         "evaluate": {"msssim": {"kernel_size": 3, "scales": 2}},
+        # sampling unit tests pass no mask rule; masking: tests/sampling/test_background.py, test_sample.py
+        "sample": {"background": "keep"},
     }
     return validate_config(deep_merge(deep_merge(cfg, tiny), overrides))
 
@@ -114,7 +116,7 @@ def launch_config(**sections) -> dict:
 
 def sample_jobs(cfg, ckpt, tmp, jobs, sampler="ddpm", device="cpu", performance=None):
     """Sample 6 volumes (batch 2) in `jobs` sampling jobs; (volumes, names) in order."""
-    sc = {**cfg["sample"], "n": 6, "batch": 2, "jobs": jobs, "device": device, "ddim_steps": 5}
+    sc = {**cfg["sample"], "n": 6, "batch": 2, "jobs": jobs, "device": device, "ddim_steps": 5, "rflow_steps": 5}
     vols, names = [], []
     for part in range(jobs):
         out = tmp / f"j{jobs}" / f"part-{part:03d}.h5"
@@ -199,7 +201,8 @@ def latent_chain(tmp: Path, gpus: int, **train) -> tuple[dict, dict, Path]:
     autoencoder = tmp / "ae" / "autoencoder.safetensors"
     run_encode(autoencoder, shards / "shard-000.h5", tmp / "latents" / "shard-000.h5", device)
     run_index("train", [tmp / "latents" / "shard-000.h5"], tmp / "latents" / "index.json")
-    latent_cfg = deep_merge(tiny_config(max_steps=3, **train), {"model": LATENT_UNET, "launch": {"gpus_per_node": gpus}})
+    latent_cfg = deep_merge(tiny_config(max_steps=3, **train),
+                            {"model": LATENT_UNET, "launch": {"gpus_per_node": gpus}})
     latent_info = run_train(latent_cfg, tmp / "latents", tmp / "run")
     part = tmp / "samples" / "part-000.h5"
     sample = {**latent_cfg["sample"], "n": 2, "batch": 2, "jobs": 1, "device": device, "ddim_steps": 4}

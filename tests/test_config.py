@@ -1,9 +1,9 @@
 import pytest
 import yaml
-from helpers import ROOT, base_config
 
 from brainddpm.config import deep_merge, load_config, validate_config
 from brainddpm.errors import ConfigError
+from helpers import ROOT, base_config
 
 
 def test_shipped_configs_are_valid():

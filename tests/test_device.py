@@ -23,3 +23,19 @@ def test_concurrent_jobs_claim_different_gpus(tmp_path):
         holder.kill()
         holder.wait()
     assert lock_first_free(names, tmp_path / "fresh") == 0
+
+
+def test_visible_gpus_counts_what_this_process_may_use():
+    """The startup's GPU check (startup.check_training_gpus) counts the GPUs CUDA_VISIBLE_DEVICES leaves this
+    process, as training will see them: none when it hides them all, on any machine."""
+    import os
+
+    import torch
+
+    from brainddpm.device import visible_gpus
+
+    assert visible_gpus() == torch.cuda.device_count()
+    code = "from brainddpm.device import visible_gpus; print(visible_gpus())"
+    hidden = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert hidden.stdout.strip() == "0"

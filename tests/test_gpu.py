@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import SHAPE, base_config, losses, make_shards, sample_jobs, tiny_config
 from safetensors.torch import load_file
 
 from brainddpm.config import deep_merge
@@ -26,6 +25,7 @@ from brainddpm.training.engine import Engine, RunPlan
 from brainddpm.training.loop import train
 from brainddpm.training.objectives import DiffusionObjective
 from brainddpm.training.runtime import scoped_environment, setup_runtime
+from helpers import SHAPE, base_config, losses, make_shards, sample_jobs, tiny_config
 
 pytestmark = [
     pytest.mark.gpu,

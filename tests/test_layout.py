@@ -1,7 +1,8 @@
 """The package's layout: every module imports, and imports follow the pipeline's stage order.
 
 src/brainddpm/ has one package per stage, data < models < training < encoding < sampling < evaluation <
-utility < bench, and the shared top-level modules (config, errors, fileio, device, commandline, startup) that every stage may use.
+utility < bench, and the shared top-level modules (config, errors, fileio, device, arguments, startup) that
+every stage may use.
 A stage imports only itself, earlier stages and the shared modules; a shared module imports no stage.
 cli.py (which assembles every stage's subcommands) and bench/ (which measures them all) are the entry
 points, exempt from the stage order. Imports are read from the source with `ast`, wherever they are
@@ -20,7 +21,8 @@ import pytest
 import brainddpm
 
 STAGES = ("data", "models", "training", "encoding", "sampling", "evaluation", "utility", "bench")
-SHARED = ("config", "errors", "fileio", "device", "commandline", "startup")  # and the package's __init__
+# and the package's __init__
+SHARED = ("config", "errors", "fileio", "device", "arguments", "startup", "reruns", "bids")
 ENTRY_POINTS = ("cli",)
 PACKAGE_DIR = Path(brainddpm.__file__).parent
 
@@ -112,3 +114,18 @@ def f():
         ("brainddpm.training.loop", 12)]
     with pytest.raises(AssertionError, match="relative import"):
         _imports("brainddpm.errors", "from .config import load_config\n")
+
+
+MAX_FUNCTION_LINES = 80  # a function you can read at once (the developers' guide)
+
+
+def test_no_function_is_longer_than_a_screen():
+    root = Path(brainddpm.__file__).parent
+    long = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them):\n" + "\n".join(long)

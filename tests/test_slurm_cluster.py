@@ -37,7 +37,8 @@ def _executor(folder, cluster, **params):
 
 def test_sbatch_job_is_recorded(slurm_cluster, tmp_path):
     out = tmp_path / "hello.out"
-    jid = slurm_cluster.sbatch("-J", "smoke-hello", "-o", str(out), "-t", "1", "--wrap", "echo hello from $SLURM_JOB_ID")
+    jid = slurm_cluster.sbatch("-J", "smoke-hello", "-o", str(out), "-t", "1",
+                               "--wrap", "echo hello from $SLURM_JOB_ID")
     assert slurm_cluster.wait_job(jid, timeout=30) == "COMPLETED"
     assert out.read_text().strip() == f"hello from {jid}"
     rec = {r["job_id"]: r for r in slurm_cluster.job_records()}[jid]

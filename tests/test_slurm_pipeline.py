@@ -1,29 +1,39 @@
 """The whole workflow on the local SLURM test cluster, through profiles/ci-slurm (SLURM executor plugin).
 
-One module-scoped fixture drives four Snakemake runs of the demo preset (shrunk further) against the
-session cluster of tests/conftest.py (`slurm_cluster`, stopped at the end of the session):
+One module-scoped fixture drives four Snakemake runs of the demo preset (shrunk further) with a latent
+model (model.kind: latent, a tiny autoencoder), so that one DAG covers both models' stages: the data stage,
+`train_autoencoder`, `encode` (one job per shard), `latent_index`, `train` on the latent shards, sampling that
+decodes, the evaluation at image resolution, `reconstruction` and the report.  It runs against the session
+cluster of tests/conftest.py (`slurm_cluster`, stopped at the end of the session):
 
 1. The full DAG.  Every rule but the localrules is a SLURM job of the plugin (the shards and the
-   bootstrap chunks as job arrays, as on LEONARDO); `train` is a localrule under launch.executor: slurm
-   and submits the 2-task (DDP, gloo) training job `brainddpm-train-<run>` through submitit.  Once that
-   job is RUNNING and has written a checkpoint, the test sends it the time-limit signal
-   (`scancel --signal=USR2`, what submitit's `--signal=USR2@<launch.signal_delay_s>` asks SLURM to send):
-   it must checkpoint, requeue and finish resumed.  At the same moment the login session "dies":
-   Snakemake's whole process group (Snakemake and the `brainddpm train` waiting for the job) is killed.
+   bootstrap chunks as job arrays, as on LEONARDO); `train_autoencoder` and `train` are localrules under
+   launch.executor: slurm and each submit a 2-task (DDP, gloo) submitit job, both named
+   `brainddpm-train-<run>` (the autoencoder's files under results/autoencoder/<run>, the diffusion
+   model's under results/train/<run>).  Once the diffusion model's job (the id in results/train/<run>/
+   job.json) is RUNNING, has written a checkpoint and no job of the plugin is left in the queue, the test
+   sends it the time-limit signal (`scancel --signal=USR2`, what submitit's
+   `--signal=USR2@<launch.signal_delay_s>` asks SLURM to send): it must checkpoint, requeue and finish
+   resumed.  At the same moment the login session "dies": Snakemake's whole process group (Snakemake and
+   the `brainddpm train` waiting for the job) is killed.
 2. The README's recovery ("My login session died"): `snakemake --unlock`, then the same command.  The
    rerun must attach to the training job still in the queue (no second training job).  A fault injected
    into one sampling job (a `brainddpm` wrapper first on PATH fails `brainddpm sample --sampler ddim
    --part 1` while a flag file exists) makes this run fail on the cluster: Snakemake must name that
    job's SLURM log.
 3. The same command after removing the fault: it resumes at the failed job (that sampling part and what
-   depends on it) and redoes nothing that finished, training included.
+   depends on it) and redoes nothing that finished, either training included.
 4. The same command again: nothing to be done, no new SLURM job.
 
-About 6 minutes on 2 idle cores, most of it the plugin's status polling: after each query that finds no
+Then two dry runs: switching autoencoder.use_checkpoint (memory, not results) plans nothing.
+
+About 8.5 minutes on 2 cores shared with other work (this module alone: fixture 496 and 515 s, module 506 and
+531 s in two runs; the pixel-only module and the latent DAG's module it replaced took 500 + 413 s of fixture,
+508 + 426 s in all, the same way), most of it the plugin's status polling: after each query that finds no
 job finished it waits 10 s longer (queries at 2, 14, 36, 68 s with profiles/ci-slurm), so a sequential
 step costs 14 s while a SLURM job (two Snakemake starts plus the command) takes under ~13 s, and 36 s
-when it takes longer.  On failure the assertion messages carry the Snakemake output tail, the job records
-and the tails of the logs.
+when it takes longer (the demo cohort, ~55 s of command, 68 s).  On failure the assertion messages carry
+the Snakemake output tail, the job records and the tails of the logs.
 """
 
 from __future__ import annotations
@@ -39,29 +49,40 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers import ROOT
+from slurm.cluster import FINAL_STATES
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 RUN = "demo"
 SAMPLER = "ddim"
-MAX_STEPS = 20
+# the diffusion model's training (latent: ~0.1-0.2 s a step on CPU): enough steps after the first checkpoint
+# for the test to see it and signal the job before the loop ends
+MAX_STEPS = 40
 CHECKPOINT_EVERY = 4
+LATENT_SHAPE = [2, 8, 8, 8]  # the tiny autoencoder's latents of a 24x32x24 volume (padded to 32^3, 4x)
 FAIL_PART = 1  # the sampling part whose job the injected fault breaks in run 1
-# Rules that run as SLURM jobs of the plugin.  Not here, by design: `train` (a localrule when
-# launch.executor is slurm, workflow/rules/train.smk: it submits and watches the training job, whose
-# own record is checked separately), `fetch_fid_weights` (a localrule that downloads; not needed with
-# evaluate.fid.weights: null), and the input-only target rules (`all`), which Snakemake runs itself.
-SLURM_RULES = {"demo_cohort", "manifest", "split", "shard", "shard_index", "sample_part", "features",
-               "bootstrap", "gather_metrics", "memorization", "report"}
+# Rules that run as SLURM jobs of the plugin.  Not here, by design: `train` and `train_autoencoder`
+# (localrules when launch.executor is slurm, workflow/rules/train.smk and latent.smk: each submits and
+# watches its training job, whose own records are checked separately), `fetch_fid_weights` and
+# `fetch_perceptual_weights` (localrules that download; not needed with evaluate.fid.weights: null and
+# autoencoder.perceptual.weight: 0), and the input-only target rules (`all`), which Snakemake runs itself.
+SLURM_RULES = {"demo_cohort", "manifest", "qc", "split", "shard", "shard_index", "mask_rule", "encode",
+               "latent_index", "sample_part", "features", "bootstrap", "gather_metrics", "memorization",
+               "realism_probe", "reconstruction", "report"}
+# rules with one job per wildcard value (the others: one job)
+PER_WILDCARD_RULES = {"shard", "shard_index", "encode", "latent_index", "sample_part", "bootstrap"}
 # rules the profile submits as job arrays (profiles/ci-slurm: slurm-array-jobs)
 ARRAY_RULES = {"shard", "bootstrap"}
-# what run 3 redoes after the failed sampling part: that part and everything downstream of it
-RESUMED_RULES = {"sample_part", "features", "bootstrap", "gather_metrics", "memorization", "report"}
+# what run 3 redoes after the failed sampling part: that part and everything downstream of it (not
+# `reconstruction`, which only needs the autoencoder and the validation shards)
+RESUMED_RULES = {"sample_part", "features", "bootstrap", "gather_metrics", "memorization", "realism_probe", "report"}
 
 
 def overrides(tmp: Path) -> dict:
-    """The demo preset, smaller still, with training as a 2-task submitit SLURM job."""
+    """The demo preset, smaller still, as a latent model with a tiny autoencoder; both trainings 2-task
+    submitit SLURM jobs."""
     demo = tmp / "demo"
     return {
         "results": str(tmp / "results"),
@@ -70,7 +91,13 @@ def overrides(tmp: Path) -> dict:
         "datasets": [{"name": s, "root": str(demo / s), "participants": str(demo / "participants.tsv")}
                      for s in ("siteA", "siteB", "siteC")],
         "data": {"volumes_per_shard": 4, "val_fraction": 0.5},  # >= 4 validation volumes for the metrics
-        "scheduler": {"num_train_timesteps": 50},
+        "model": {"kind": "latent"},  # the demo's UNet on 2x8x8x8 latents (24x32x24 padded to 32^3, 4x)
+        "autoencoder": {"channels": [4, 8, 8], "latent_channels": 2, "num_res_blocks": 1,
+                        "attention_levels": [False, False, False], "norm_num_groups": 4, "use_checkpoint": False,
+                        "pad_multiple": 16, "patch": None, "adversarial": {"weight": 0.0},
+                        "train": {"max_steps": 4, "micro_batch": 1, "checkpoint_every": 2}},
+        "decode": {"roi": [4, 4, 4], "overlap": 0.25, "sw_batch_size": 2},  # sliding windows, as on small GPUs
+        "scheduler": {"num_train_timesteps": 50, "kind": "ddpm"},  # a DDPM: the ddim sampler
         # ddp (not deepspeed): no DeepSpeed import or op build in the two tasks, same gloo rendezvous
         "train": {"backend": "ddp", "epochs": 100, "max_steps": MAX_STEPS, "micro_batch": 1,
                   "checkpoint_every": CHECKPOINT_EVERY, "keep_last": 2, "log_every": 5, "num_workers": 0},
@@ -119,7 +146,8 @@ class Pipeline:
     def __init__(self, cluster, tmp: Path):
         self.cluster, self.tmp = cluster, tmp
         self.res = tmp / "results"
-        self.train_dir = self.res / "train" / RUN
+        self.train_dir = self.res / "train" / RUN  # the diffusion model's training
+        self.ae_dir = self.res / "autoencoder" / RUN  # the autoencoder's
         self.slurm_logdir = tmp / "slurm_logs"
         self.over = tmp / "overrides.yaml"
         self.over.write_text(yaml.safe_dump(overrides(tmp)))
@@ -135,10 +163,10 @@ class Pipeline:
         self.runs: list[dict] = []  # per run: rc, output, log, new job ids
         self.kill: dict = {}
 
-    def cmd(self, *extra: str) -> list[str]:
+    def cmd(self, *extra: str, over: Path | None = None) -> list[str]:
         return [sys.executable, "-m", "snakemake", "--profile", "profiles/ci-slurm",
                 "--slurm-logdir", str(self.slurm_logdir),
-                "--configfile", "config/config.yaml", "config/demo.yaml", str(self.over), *extra]
+                "--configfile", "config/config.yaml", "config/demo.yaml", str(over or self.over), *extra]
 
     def unlock(self) -> None:
         """What the README says to do first after a killed Snakemake: it leaves its lock behind."""
@@ -160,7 +188,9 @@ class Pipeline:
             rec = next((x for x in self.records() if x["job_id"] == log.stem), None)
             if rec is None or rec.get("state") != "COMPLETED":
                 out.append(f"===== {log} =====\n{_tail(log)}")
-        for log in [self.res / "logs" / "train" / f"{RUN}.log", *sorted((self.train_dir / "slurm").glob("*.err"))]:
+        logs = [self.res / "logs" / "train" / f"{RUN}-autoencoder.log", *sorted((self.ae_dir / "slurm").glob("*.err")),
+                self.res / "logs" / "train" / f"{RUN}.log", *sorted((self.train_dir / "slurm").glob("*.err"))]
+        for log in logs:
             if log.exists():
                 out.append(f"===== {log} =====\n{_tail(log, 25)}")
         out.append("===== cluster daemons =====\n" + self.cluster.logs_tail(10))
@@ -199,20 +229,35 @@ class Pipeline:
         return result
 
     # ------------------------------------------------------------------ the kill
-    def training_job(self, ids=None):
-        jobs = [r for r in self.records(ids) if r.get("name") == f"brainddpm-train-{RUN}"]
-        return jobs[-1] if jobs else None
+    def training_jobs(self, ids=None) -> list[dict]:
+        """Both trainings' submitit jobs (the autoencoder's and the diffusion model's have one name)."""
+        return [r for r in self.records(ids) if r.get("name") == f"brainddpm-train-{RUN}"]
+
+    @staticmethod
+    def recorded_job_id(out_dir: Path) -> str | None:
+        """The training job that `brainddpm train[-autoencoder]` submitted into out_dir (its job.json)."""
+        try:
+            return json.loads((out_dir / "job.json").read_text())["job_id"]
+        except (OSError, ValueError, KeyError):  # not submitted yet (the file is written atomically)
+            return None
 
     def maybe_kill(self, snakemake: subprocess.Popen) -> None:
-        """Once the training job runs and has a valid checkpoint: the time-limit signal to it, once, and
-        the login session dies: Snakemake and everything it started locally (the waiting `brainddpm
-        train`) are SIGKILLed, with no chance to cancel or clean up anything."""
+        """Once the diffusion model's training job runs and has a valid checkpoint, and no job of the plugin
+        is left in the queue (none is then cut off by the kill and redone by the rerun): the time-limit
+        signal to it, once, and the login session dies: Snakemake and everything it started locally (the
+        waiting `brainddpm train`) are SIGKILLed, with no chance to cancel or clean up anything."""
         from brainddpm.training.checkpoint import find_latest
 
         if self.kill:
             return
-        job = self.training_job()
+        job_id = self.recorded_job_id(self.train_dir)  # not the autoencoder's job, which has the same name
+        if job_id is None:
+            return
+        recs = self.records()
+        job = next((r for r in recs if r["job_id"] == job_id), None)
         if job is None or job.get("state") != "RUNNING":
+            return
+        if any(_rule(r) and r.get("state") not in FINAL_STATES for r in recs):
             return
         latest = find_latest(self.train_dir / "checkpoints")
         if latest is None:
@@ -245,21 +290,26 @@ def _rule(record) -> str | None:
 def pipeline(slurm_cluster, tmp_path_factory):
     p = Pipeline(slurm_cluster, tmp_path_factory.mktemp("slurm-pipeline"))
     p.flag.touch()  # one sampling job will fail (run 2)
-    # run 1: the whole DAG; training signalled mid-run, and Snakemake killed at that moment
-    r1 = p.run(timeout=480, on_poll=p.maybe_kill)
+    # run 1: the whole DAG; the diffusion model's training signalled mid-run, and Snakemake killed at that moment
+    r1 = p.run(timeout=600, on_poll=p.maybe_kill)
     if not p.kill or r1["rc"] != -signal.SIGKILL:
         raise AssertionError(f"run 1 should have been killed mid-training (rc={r1['rc']})\n" + p.diagnostics(1))
     # run 2: unlock and rerun; attaches to the training job, then fails at the injected fault
     p.unlock()
     r2 = p.run(timeout=480)
-    p.after_train = {name: (p.train_dir / name).stat().st_mtime_ns
-                     for name in ("train.json", "model.safetensors", "loss.csv") if (p.train_dir / name).exists()}
+    # what run 3 must leave alone: both trainings' outputs, the latents, the reconstruction
+    kept = ([p.train_dir / name for name in ("train.json", "model.safetensors", "loss.csv")]
+            + [p.ae_dir / name for name in ("train.json", "autoencoder.safetensors", "loss.csv")]
+            + [p.res / "latents" / RUN / split / "index.json" for split in ("train", "val")]
+            + [p.res / "eval" / RUN / "reconstruction.json"])
+    p.after_train = {path: path.stat().st_mtime_ns for path in kept if path.exists()}
     p.train_log_text = _tail(p.res / "logs" / "train" / f"{RUN}.log", 200)
     p.failed_rule_log = p.res / "logs" / "sample" / f"{RUN}-{SAMPLER}-{FAIL_PART:03d}.log"
     p.failed_rule_log_text = p.failed_rule_log.read_text(errors="replace") if p.failed_rule_log.exists() else ""
-    if r2["rc"] == 0 or not p.after_train:
-        raise AssertionError(f"run 2 should have finished training, then failed at the injected fault "
-                             f"(rc={r2['rc']})\n" + p.diagnostics(2))
+    if r2["rc"] == 0 or len(p.after_train) != len(kept):
+        raise AssertionError(f"run 2 should have finished training and the latent stages, then failed at the "
+                             f"injected fault (missing: {sorted(map(str, set(kept) - set(p.after_train)))}, "
+                             f"rc={r2['rc']})\n" + p.diagnostics(2))
     # run 3: fault removed; resumes at the failed job
     p.flag.unlink()
     p.run(timeout=360)
@@ -275,8 +325,9 @@ def test_pipeline_finishes_with_a_report(pipeline):
     for name in ("report.md", "metrics.md", "metrics.json", "slices.png", "memorization.png"):
         assert (report / name).stat().st_size > 100, name
     assert "FID was not computed" in (report / "report.md").read_text()
-    parts = sorted((pipeline.res / "samples" / RUN / SAMPLER).glob("nifti-*/*.nii.gz"))
-    assert len(parts) == 4, parts
+    parts = sorted((pipeline.res / "samples" / RUN / SAMPLER).glob(f"nifti-*/*_{SAMPLER}.nii.gz"))
+    masks = sorted((pipeline.res / "samples" / RUN / SAMPLER).glob(f"nifti-*/*_{SAMPLER}_mask.nii.gz"))
+    assert len(parts) == len(masks) == 4, parts
 
 
 def test_every_stage_ran_as_a_slurm_job(pipeline):
@@ -298,10 +349,18 @@ def test_every_stage_ran_as_a_slurm_job(pipeline):
     assert len(completed["shard"]) == n_shards, diag
     assert len(completed["shard_index"]) == 2, diag  # train, val
     assert len(completed["sample_part"]) == 2 and len(completed["bootstrap"]) == 2, diag
-    assert all(len(completed[r]) == 1 for r in SLURM_RULES - {"shard", "shard_index", "sample_part", "bootstrap"}), diag
-    # `train` is a localrule: no plugin job; training itself is the one submitit job
-    train_jobs = [r for r in recs if r["name"] == f"brainddpm-train-{RUN}"]
-    assert len(train_jobs) == 1 and train_jobs[0]["state"] == "COMPLETED", diag
+    latent_shards = {s: sorted((pipeline.res / "latents" / RUN / s).glob("shard-*.h5")) for s in ("train", "val")}
+    assert len(completed["encode"]) == n_shards == sum(map(len, latent_shards.values())), diag  # one per shard
+    assert len(completed["latent_index"]) == 2, diag  # train, val
+    assert all(len(completed[r]) == 1 for r in SLURM_RULES - PER_WILDCARD_RULES), diag
+    # `train_autoencoder` and `train` are localrules: no plugin job; each training is a submitit job of its
+    # own, the autoencoder's first (the ids recorded in each output folder's job.json)
+    train_jobs = pipeline.training_jobs(ids)
+    ae_id, diffusion_id = Pipeline.recorded_job_id(pipeline.ae_dir), Pipeline.recorded_job_id(pipeline.train_dir)
+    assert [j["job_id"] for j in train_jobs] == [ae_id, diffusion_id], diag
+    assert all(j["state"] == "COMPLETED" and j["exit_code"] == "0:0" for j in train_jobs), diag
+    ae_info = json.loads((pipeline.ae_dir / "train.json").read_text())
+    assert ae_info["kind"] == "autoencoder" and ae_info["world_size"] == 2 and ae_info["steps"] == 4, ae_info
     # the many small jobs went as job arrays: one sbatch call per rule and ready batch
     for rule in ARRAY_RULES:
         tasks = completed[rule]
@@ -326,7 +385,8 @@ def test_killed_training_checkpoints_requeues_and_resumes(pipeline):
     assert 0 < kill["checkpoint_step"] <= info["resumed_from_step"] < MAX_STEPS, f"{info}\n{kill}"
     assert len(set(info["weights_sha256"])) == 1, info  # the two ranks ended with the same weights
     assert _loss_steps(pipeline.train_dir / "loss.csv") == list(range(1, MAX_STEPS + 1))
-    job = pipeline.training_job({kill["job_id"]})
+    job, = pipeline.training_jobs({kill["job_id"]})
+    assert job["job_id"] == Pipeline.recorded_job_id(pipeline.train_dir)  # the diffusion model's, not the autoencoder's
     assert job["state"] == "COMPLETED" and job["requeues"] >= 1, job
     assert len(job["runs"]) >= 2 and job["runs"][-1]["state"] == "COMPLETED", job  # jobcomp: one line per run
     logs = "".join(p.read_text(errors="replace") for p in (pipeline.train_dir / "slurm").glob(f"{kill['job_id']}_*"))
@@ -339,10 +399,13 @@ def test_rerun_after_the_login_session_died_attaches_to_the_training_job(pipelin
     kill = pipeline.kill
     assert f"attaching to training job {kill['job_id']}" in pipeline.train_log_text, pipeline.train_log_text
     assert json.loads((pipeline.train_dir / "job.json").read_text())["job_id"] == kill["job_id"]
-    submissions = list((pipeline.train_dir / "slurm").glob("*_submission.sh"))
-    assert len(submissions) == 1, submissions
+    for out in (pipeline.train_dir, pipeline.ae_dir):  # one submission of each training, none by the reruns
+        submissions = list((out / "slurm").glob("*_submission.sh"))
+        assert len(submissions) == 1, submissions
     ids = set().union(*(r["new"] for r in pipeline.runs))
-    assert [r["job_id"] for r in pipeline.records(ids) if r["name"] == f"brainddpm-train-{RUN}"] == [kill["job_id"]]
+    ae_id = Pipeline.recorded_job_id(pipeline.ae_dir)
+    assert [r["job_id"] for r in pipeline.training_jobs(ids)] == [ae_id, kill["job_id"]]
+    assert int(ae_id) < int(kill["job_id"]) and pipeline.runs[0]["new"] >= {ae_id, kill["job_id"]}
 
 
 def test_failed_job_names_its_slurm_log(pipeline):
@@ -378,9 +441,9 @@ def test_rerun_resumes_without_redoing_finished_stages(pipeline):
     assert {_rule(r) for r in recs} == RESUMED_RULES, diag  # no cohort, manifest, split, shard, training job
     sample_jobs = [r for r in recs if _rule(r) == "sample_part"]
     assert len(sample_jobs) == 1 and f"_{FAIL_PART:03d}" in sample_jobs[0]["comment"], diag
-    assert pipeline.training_job(r3["new"]) is None, diag
-    now = {name: (pipeline.train_dir / name).stat().st_mtime_ns for name in pipeline.after_train}
-    assert now == pipeline.after_train  # training's outputs untouched
+    assert pipeline.training_jobs(r3["new"]) == [], diag  # neither training
+    now = {path: path.stat().st_mtime_ns for path in pipeline.after_train}
+    assert now == pipeline.after_train  # both trainings' outputs, the latents and the reconstruction untouched
 
 
 def test_rerun_of_a_finished_pipeline_does_nothing(pipeline):
@@ -390,3 +453,43 @@ def test_rerun_of_a_finished_pipeline_does_nothing(pipeline):
     # no job of ours is left queued or running on the cluster
     left = pipeline.cluster.run("squeue", "-h", "-o", "%i %j %T %k").stdout.strip()
     assert not left, left
+
+
+# --------------------------------------------------------------------------- the latent model's stages
+
+
+def test_latent_outputs_agree_on_the_scale_factor(pipeline):
+    """The autoencoder, the latent shards and the diffusion model carry one scale factor; the report has the
+    reconstruction section (sliding-window decoding) and the reconstruction metrics."""
+    from brainddpm.models.autoencoder import load_autoencoder
+    from brainddpm.models.final import read_final
+
+    res = pipeline.res
+    assert pipeline.runs[2]["rc"] == 0, pipeline.diagnostics(3)
+    _, ae = load_autoencoder(pipeline.ae_dir / "autoencoder.safetensors")
+    for split in ("train", "val"):
+        index = json.loads((res / "latents" / RUN / split / "index.json").read_text())
+        assert index["latent"]["scale_factor"] == ae["scale_factor"], (split, index["latent"], ae)
+        assert index["latent"]["latent_shape"] == LATENT_SHAPE, (split, index["latent"])
+    model, _ = read_final(pipeline.train_dir / "model.safetensors", tensors=False)
+    assert model["data"]["scale_factor"] == ae["scale_factor"] and model["data"]["target_shape"] == [24, 32, 24]
+    report = (res / "report" / "report.md").read_text()
+    assert "## Reconstruction (autoencoder of the latent model)" in report and "windows of 4x4x4" in report
+    recon = json.loads((res / "eval" / RUN / "reconstruction.json").read_text())
+    assert recon["n"] >= 4 and {"psnr", "ssim", "mae"} <= set(recon["metrics"])
+
+
+def test_activation_checkpointing_is_no_rerun_trigger(pipeline):
+    """Switching autoencoder.use_checkpoint (memory, not results) after the run plans nothing; the dry run still
+    hands the new value to the autoencoder's job (a resource, not a parameter).  Dry runs: no job, no change."""
+    assert pipeline.runs[3]["rc"] == 0, pipeline.diagnostics(4)
+    changed = overrides(pipeline.tmp)
+    changed["autoencoder"]["use_checkpoint"] = True
+    over = pipeline.tmp / "checkpointing.yaml"
+    over.write_text(yaml.safe_dump(changed))
+    proc = subprocess.run(pipeline.cmd("-n", over=over), cwd=ROOT, env=pipeline.env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    proc = subprocess.run(pipeline.cmd("-n", "--forcerun", "train_autoencoder", over=over), cwd=ROOT,
+                          env=pipeline.env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--use-checkpoint true" in proc.stdout + proc.stderr, proc.stdout[-3000:]

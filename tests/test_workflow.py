@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers import ROOT
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -69,8 +70,9 @@ def test_site_mistakes_stop_the_dry_run_naming_the_key(tmp_path, mistake, key):
     assert len(lines) == 1, proc.stdout + proc.stderr  # one line names the key (and says what to do)
 
 
-SMALL = {  # the demo preset, smaller still: the whole DAG in a couple of minutes on 2 cores
-    "scheduler": {"num_train_timesteps": 50},
+SMALL = {  # the demo preset, smaller still: the whole DAG in a couple of minutes on 2 cores; a DDPM, so that two
+    # samplers share the DAG (the demo's rectified flow: tests/test_startup.py's dry run, sampling's unit tests)
+    "scheduler": {"num_train_timesteps": 50, "kind": "ddpm"},
     "train": {"epochs": 6, "micro_batch": 2, "checkpoint_every": 5},
     "sample": {"n": 4, "batch": 2, "jobs": 2, "samplers": ["ddpm", "ddim"], "ddim_steps": 10},
     "evaluate": {"n": 4, "bootstrap": 50, "jobs": 2},
@@ -93,7 +95,8 @@ def demo_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_demo_pipeline_writes_the_report(demo_run):
-    tmp, _ = demo_run
+    tmp, proc = demo_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
     res = tmp / "results"
     index = {s: json.loads((res / "shards" / s / "index.json").read_text()) for s in ("train", "val")}
     assert index["train"]["n_volumes"] + index["val"]["n_volumes"] == 10
@@ -101,7 +104,7 @@ def test_demo_pipeline_writes_the_report(demo_run):
     info = json.loads((res / "train" / "demo" / "train.json").read_text())
     assert info["steps"] > 0 and info["world_size"] == 1
     for sampler in ("ddpm", "ddim"):
-        assert len(list((res / "samples" / "demo" / sampler).glob("nifti-*/*.nii.gz"))) == 4
+        assert len(list((res / "samples" / "demo" / sampler).glob(f"nifti-*/*_{sampler}.nii.gz"))) == 4
         metrics = json.loads((res / "eval" / "demo" / sampler / "metrics.json").read_text())["metrics"]
         assert metrics["mmd_monai_generative"]["n_real"] == min(4, index["val"]["n_volumes"])
     report = res / "report"
@@ -109,6 +112,18 @@ def test_demo_pipeline_writes_the_report(demo_run):
                  "memorization.png"):
         assert (report / name).stat().st_size > 100, name
     assert "FID was not computed" in (report / "report.md").read_text()
+    # synthetic brains masked by the rule of the training split, each mask beside its volume; the realism probe
+    assert json.loads((res / "samples" / "mask_rule.json").read_text())["worst_kept"] >= 0.995
+    assert len(list((res / "samples" / "demo" / "ddim").glob("nifti-*/*_mask.nii.gz"))) == 4
+    realism = json.loads((res / "eval" / "demo" / "ddim" / "realism.json").read_text())
+    assert set(realism["probes"]) == {"whole", "brain", "histogram", "texture", "whole_unmasked"}
+    assert "## Realism" in (report / "report.md").read_text() and (report / "evidence-ddim.png").is_file()
+    # what came in and what was left out: the report's Data section and the console at the end of the run
+    text = (report / "report.md").read_text()
+    assert "## Data" in text and "| siteA |" in text and (report / "qc-worst.png").stat().st_size > 1000
+    qc = (res / "qc" / "qc.tsv").read_text().splitlines()
+    assert len(qc) == 11 and all(line.endswith("\tpass") for line in qc[1:])  # the demo passes input QC
+    assert "Data (input QC policy: warn):" in proc.stderr and "siteA:" in proc.stderr
 
 
 @pytest.mark.slow
@@ -123,7 +138,8 @@ def test_rerun_does_nothing_and_sampling_changes_rerun_only_downstream(demo_run)
     proc = run_demo(tmp, extra=changed, dry=True)
     out = proc.stdout + proc.stderr
     rules = set(re.findall(r"^(\w+)\s+\d+$", out[out.index("Job stats:"):], flags=re.M)) - {"total"}
-    assert rules == {"sample_part", "features", "bootstrap", "gather_metrics", "memorization", "report", "all"}
+    assert rules == {"sample_part", "features", "bootstrap", "gather_metrics", "memorization", "realism_probe",
+                     "report", "all"}
 
 
 def _rule_block(out: str, rule: str) -> str:
@@ -156,8 +172,9 @@ def test_launch_and_the_other_samplers_keys_rerun_nothing_of_theirs(demo_run):
     ddim = tmp / "ddim.yaml"
     ddim.write_text(yaml.safe_dump(over))
     proc = run_demo(tmp, extra=ddim, dry=True)
-    assert _planned_jobs(proc) == {"sample_part": 2, "features": 1, "bootstrap": 2, "gather_metrics": 1,
-                                   "report": 1, "all": 1}, proc.stdout[-3000:]
+    # memorization checks every sampler's volumes, so it reruns with any sampler's parts
+    assert _planned_jobs(proc) == {"sample_part": 2, "features": 1, "memorization": 1, "realism_probe": 1,
+                                   "bootstrap": 2, "gather_metrics": 1, "report": 1, "all": 1}, proc.stdout[-3000:]
     assert "wildcards: sampler=ddpm" not in proc.stdout + proc.stderr
     # the training config itself still retrains
     over["train"]["lr"] = 2e-3
@@ -270,7 +287,8 @@ def test_latent_preset_dry_run_on_leonardo_lists_the_latent_dag(tmp_path):
 def test_local_training_rules_claim_every_core(tmp_path):
     """Training on this machine (executor inprocess) takes every core it is given (training/runtime.py), so its
     rules declare them and Snakemake runs nothing beside them."""
-    proc = snakemake("-n", "--profile", "profiles/local", "--cores", "2", "--configfile", "config/config.yaml", "config/demo.yaml",
+    proc = snakemake("-n", "--profile", "profiles/local", "--cores", "2",
+                     "--configfile", "config/config.yaml", "config/demo.yaml",
                      "config/demo-latent.yaml", str(demo_overrides(tmp_path)))
     out = proc.stdout + proc.stderr
     for rule in ("train_autoencoder", "train"):

@@ -1,4 +1,4 @@
-"""The `brainddpm` command: one subcommand per pipeline step.
+"""The `brainddpm` command, its entry point: it assembles every stage's subcommands, one per pipeline step.
 
 Each stage declares its own subcommands next to the code they call (`data/commands.py`,
 `training/commands.py`, `encoding/commands.py`, `sampling/commands.py`, `evaluation/commands.py`,
@@ -7,7 +7,7 @@ subcommand parses its arguments and calls one library function, imported only wh
 Snakemake rules in workflow/rules/ call these subcommands. Configuration comes either from YAML files
 (`--config config/config.yaml config/demo.yaml`, merged in order and validated) or, from the
 workflow, as the already-validated JSON of the sections a step needs (`--config-json`); both options
-are in commandline.py.
+are in arguments.py.
 """
 
 from __future__ import annotations

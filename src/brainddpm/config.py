@@ -8,6 +8,7 @@ Every error names the offending key, e.g. ``config key 'model.channels': ...``.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from importlib.resources import files
 from pathlib import Path
@@ -31,20 +32,25 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def read_config_file(path) -> dict:
+    """One YAML/JSON config file as a mapping, or a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    return data
+
+
 def load_config(paths) -> dict:
     """Read and merge YAML/JSON config files in order, then validate the result."""
     cfg: dict = {}
     for path in paths:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys")
-        cfg = deep_merge(cfg, data)
+        cfg = deep_merge(cfg, read_config_file(path))
     return validate_config(cfg)
 
 
@@ -52,17 +58,52 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
-def validate_config(cfg: dict, partial: bool = False) -> dict:
-    """Validate `cfg` against the schema and the cross-key rules; return it unchanged.
+@functools.cache
+def schema() -> dict:
+    """The config schema, read once per process (treat it as read-only)."""
+    return yaml.safe_load(SCHEMA_PATH.read_text())
 
-    With `partial`, top-level sections may be missing (a workflow step gets only the sections it
-    uses); the sections present are checked in full, and cross-key rules whose sections are present.
+
+def _filling_defaults(validator_class):
+    """A validator class that fills in each missing key's `default:` where its mapping is given (the
+    jsonschema FAQ's recipe): the schema is the one place of the config's defaults."""
+    check_properties = validator_class.VALIDATORS["properties"]
+
+    def fill_then_check(validator, properties, instance, subschema):
+        if validator.is_type(instance, "object"):
+            for name, rule in properties.items():
+                if "default" in rule and name not in instance:
+                    instance[name] = copy.deepcopy(rule["default"])
+        yield from check_properties(validator, properties, instance, subschema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": fill_then_check})
+
+
+@functools.cache
+def _validator():
+    return _filling_defaults(jsonschema.Draft202012Validator)(schema())
+
+
+_VALIDATED: set[str] = set()  # the configs this process has validated (as compact JSON): never checked twice
+
+
+def _fingerprint(cfg: dict, partial: bool) -> str:
+    return ("partial:" if partial else "full:") + json.dumps(cfg, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def validate_config(cfg: dict, partial: bool = False) -> dict:
+    """Validate `cfg` against the schema and the cross-key rules, filling in the schema's defaults; return it.
+
+    With `partial`, top-level sections may be missing and a section may hold only some of its keys (a
+    workflow step gets only what it uses: its params, brainddpm.reruns); the keys present are checked in
+    full, and cross-key rules whose keys are present. A config this process validated before (the same
+    content) is returned as it is: the checks run once per process.
     """
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    if partial:
-        schema["required"] = [k for k in schema["required"] if k in cfg]
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if _fingerprint(cfg, partial) in _VALIDATED or (partial and _fingerprint(cfg, False) in _VALIDATED):
+        return cfg
+    errors = [e for e in _validator().iter_errors(cfg)
+              if not (partial and e.validator == "required" and len(e.path) <= 1)]
+    errors.sort(key=lambda e: (len(e.path), list(map(str, e.path))))
     if errors:
         err = errors[0]
         if err.validator == "additionalProperties":
@@ -75,6 +116,7 @@ def validate_config(cfg: dict, partial: bool = False) -> dict:
             raise ConfigError(f"config key '{_key(list(err.path) + [missing])}': missing")
         raise ConfigError(f"config key '{_key(err.path)}': {err.message}")
     _check_consistency(cfg)
+    _VALIDATED.add(_fingerprint(cfg, partial))
     return cfg
 
 
@@ -85,16 +127,18 @@ def _check_consistency(cfg: dict) -> None:
         _check_latent(cfg)
     elif {"model", "data"} <= set(cfg):
         _check_shape(cfg["model"], cfg["data"])
-    if "data" in cfg:
+    if "intensity" in cfg.get("data", {}):  # partial: a step may get data.grid alone (preprocess)
         lo, hi = cfg["data"]["intensity"]["lower_percentile"], cfg["data"]["intensity"]["upper_percentile"]
         if lo >= hi:
             raise ConfigError("config key 'data.intensity.upper_percentile': must be above lower_percentile")
     if "scheduler" in cfg and cfg["scheduler"]["beta_start"] >= cfg["scheduler"]["beta_end"]:
         raise ConfigError("config key 'scheduler.beta_end': must be above scheduler.beta_start")
-    if {"data", "evaluate"} <= set(cfg):
+    if {"data", "evaluate"} <= set(cfg) and "msssim" in cfg["evaluate"]:
         _check_msssim(cfg["evaluate"]["msssim"], cfg["data"]["target_shape"])
     if "sample" in cfg:
         _check_sample(cfg["sample"])
+    if {"sample", "scheduler"} <= set(cfg):
+        _check_samplers(cfg["sample"]["samplers"], scheduler_kind(cfg["scheduler"]))
     if "condition" in cfg:
         _check_condition(cfg["condition"], cfg.get("sample"))
     if utility_enabled(cfg):
@@ -103,7 +147,7 @@ def _check_consistency(cfg: dict) -> None:
         _check_launch(cfg["train"], cfg["launch"])
     if {"train", "performance"} <= set(cfg):
         check_channels_last(cfg["train"], cfg["performance"].get("channels_last") is True)
-    if "evaluate" in cfg and cfg["evaluate"]["jobs"] > cfg["evaluate"]["bootstrap"]:
+    if {"jobs", "bootstrap"} <= set(cfg.get("evaluate", {})) and cfg["evaluate"]["jobs"] > cfg["evaluate"]["bootstrap"]:
         raise ConfigError("config key 'evaluate.jobs': more jobs than bootstrap resamples")
     names = [d["name"] for d in cfg.get("datasets", [])]
     if len(names) != len(set(names)):
@@ -113,6 +157,31 @@ def _check_consistency(cfg: dict) -> None:
         hint = (f"the demo cohort is written to {demo['out']}, but no dataset lists it (see config/demo.yaml)"
                 if demo.get("enabled") else "list your datasets or enable the demo cohort")
         raise ConfigError(f"config key 'datasets': empty; {hint}")
+
+
+# the samplers a model of each scheduler kind takes (the run's config at startup, a model file's when sampling)
+SAMPLERS_OF = {"ddpm": ("ddpm", "ddim"), "rflow": ("rflow",)}
+
+
+def scheduler_kind(scheduler: dict) -> str:
+    """ddpm or rflow: `scheduler.kind` (models saved before it existed are ddpm)."""
+    return scheduler.get("kind", "ddpm")
+
+
+def scheduler_section(scheduler: dict) -> dict:
+    """The scheduler section as a DDPM run's params and checkpoints compare it: without `kind: ddpm` and the
+    unused `rflow` options, as before rectified flow existed (so an upgrade reruns and refuses nothing)."""
+    if scheduler_kind(scheduler) != "ddpm":
+        return scheduler
+    return {k: v for k, v in scheduler.items() if k not in ("kind", "rflow")}
+
+
+def _check_samplers(samplers: list[str], kind: str) -> None:
+    """rflow samples a rectified-flow model only; ddpm and ddim a DDPM-trained one only."""
+    wrong = [s for s in samplers if s not in SAMPLERS_OF[kind]]
+    if wrong:
+        raise ConfigError(f"config key 'sample.samplers': {', '.join(wrong)} cannot sample a model trained with "
+                          f"scheduler.kind: {kind}; its samplers: {', '.join(SAMPLERS_OF[kind])}")
 
 
 def _check_model(model: dict) -> None:
@@ -194,7 +263,8 @@ def _check_latent(cfg: dict) -> None:
     if ae["patch"] and any(p % factor for p in ae["patch"]):
         raise ConfigError(f"config key 'autoencoder.patch': {ae['patch']} must be divisible by the compression factor "
                           f"{factor}")
-    unknown = sorted(set(ae["train"]) - set(yaml.safe_load(SCHEMA_PATH.read_text())["properties"]["train"]["properties"]))
+    train_keys = schema()["properties"]["train"]["properties"]
+    unknown = sorted(set(ae["train"]) - set(train_keys))
     if unknown:
         raise ConfigError(f"config key 'autoencoder.train.{unknown[0]}': unknown key (it overrides train.*)")
     if "train" in cfg:
@@ -207,9 +277,10 @@ def _check_latent(cfg: dict) -> None:
         latent = [-(-s // ae["pad_multiple"]) * ae["pad_multiple"] // factor for s in cfg["data"]["target_shape"]]
         if any(s % unet for s in latent):
             raise ConfigError(f"config key 'autoencoder.pad_multiple': volumes of data.target_shape "
-                              f"{cfg['data']['target_shape']} padded to a multiple of {ae['pad_multiple']} give latents "
-                              f"of {latent}, which the latent UNet ({len(cfg['model']['channels'])} levels) cannot "
-                              f"take: they must be divisible by {unet}; set pad_multiple to a multiple of {factor * unet}")
+                              f"{cfg['data']['target_shape']} padded to a multiple of {ae['pad_multiple']} give "
+                              f"latents of {latent}, which the latent UNet ({len(cfg['model']['channels'])} levels) "
+                              f"cannot take: they must be divisible by {unet}; set pad_multiple to a multiple of "
+                              f"{factor * unet}")
 
 
 def msssim_min_size(kernel_size: int, scales: int) -> int:
@@ -260,7 +331,8 @@ def _check_condition(cond: dict, smp: dict | None) -> None:
                                   f"({', '.join(names)})")
             numeric = isinstance(value, list) or (isinstance(value, (int, float)) and not isinstance(value, bool))
             if kinds[key] == "continuous" and not numeric:
-                raise ConfigError(f"config key 'sample.conditions[{i}].{key}': {value!r} is not a number or [low, high]")
+                raise ConfigError(f"config key 'sample.conditions[{i}].{key}': {value!r} is not a number or "
+                                  "[low, high]")
             if isinstance(value, list) and (kinds[key] != "continuous" or value[0] > value[1]):
                 raise ConfigError(f"config key 'sample.conditions[{i}].{key}': a range [low, high] needs a continuous "
                                   "covariate and low <= high")
@@ -280,13 +352,13 @@ def _check_utility(cfg: dict) -> None:
             raise ConfigError(f"config key 'utility.target': {target!r} is not a covariate of condition.covariates "
                               f"({', '.join(kinds) or 'none: an unconditional model'}); the synthetic volumes' labels "
                               "are the covariates they were asked for, so the model must be conditioned on the target")
-        kind = util.get("target_type", "auto")
+        kind = util["target_type"]
         if kind not in ("auto", kinds[target]):
             raise ConfigError(f"config key 'utility.target_type': {kind}, but condition.covariates has {target!r} as "
                               f"{kinds[target]}")
     smp = cfg.get("sample")
     if smp is not None:
-        if smp.get("conditions", "match_validation") == "match_validation":
+        if smp["conditions"] == "match_validation":
             raise ConfigError("config key 'sample.conditions': match_validation copies the covariates of the "
                               "validation split, which is the utility stage's test set; with utility.enabled use "
                               "match_training or explicit strata")

@@ -40,6 +40,11 @@ def lock_first_free(names: list[str], lock_dir: Path) -> int | None:
     return None
 
 
+def visible_gpus() -> int:
+    """How many GPUs this process sees (CUDA_VISIBLE_DEVICES applies): what training on this machine can use."""
+    return torch.cuda.device_count()
+
+
 def claim_gpu(lock_dir: Path | None = None) -> torch.device:
     """A GPU that no other brainddpm process on this machine holds, locked until this process ends.
 

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
-from helpers import base_config, bids_dataset, brain_volume, write_nifti
 
 from brainddpm.data.manifest import build_manifest, ids_from_path, read_tsv, shard_rows, split_subjects
 from brainddpm.data.prepare import run_manifest
 from brainddpm.errors import BadInputError, ConfigError
+from helpers import base_config, bids_dataset, brain_volume, write_nifti
 
 
 def test_ids_from_bids_names():
@@ -38,8 +38,9 @@ def test_every_bad_input_is_listed_and_the_run_goes_on(tmp_path):
     write_nifti(anat("nan"), nan)
     write_nifti(anat("zero"), np.zeros_like(vol))
     write_nifti(anat("flat"), vol[:, :, 8])
-    dup = root / "sub-00" / "ses-1" / "anat" / "sub-00_ses-1_run-2_T1w.nii.gz"
-    write_nifti(dup, brain_volume(77))
+    copy = root / "sub-copy" / "ses-1" / "anat" / "sub-copy_ses-1_T1w.nii.gz"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(good[0].read_bytes())  # two runs of one subject: tests/test_bids.py (a startup error)
     globbed = tmp_path / "g"
     globbed.mkdir()
     (globbed / "readme.txt").write_text("not an image")
@@ -52,14 +53,15 @@ def test_every_bad_input_is_listed_and_the_run_goes_on(tmp_path):
     assert "NaN" in reasons[str(anat("nan"))]
     assert "all voxels are zero" in reasons[str(anat("zero"))]
     assert "2D" in reasons[str(anat("flat"))]
-    assert "duplicate subject/session" in reasons[str(dup)]
+    assert "same file content as" in reasons[str(copy)]
     assert "not a NIfTI" in reasons[str(globbed / "readme.txt")]
 
 
 def test_a_dataset_that_is_not_there_is_an_error_not_an_exclusion(tmp_path):
     bids_dataset(tmp_path / "a", 2)
     with pytest.raises(ConfigError, match=r"'datasets\[1\] \(gone\).root': .*missing does not exist"):
-        build_manifest([{"name": "a", "root": str(tmp_path / "a")}, {"name": "gone", "root": str(tmp_path / "missing")}])
+        build_manifest([{"name": "a", "root": str(tmp_path / "a")},
+                        {"name": "gone", "root": str(tmp_path / "missing")}])
     with pytest.raises(ConfigError, match=r"'datasets\[0\] \(g\).glob', .*nothing\*.nii: no file matches"):
         build_manifest([{"name": "g", "glob": str(tmp_path / "nothing*.nii")}])
     (tmp_path / "bad.tsv").write_bytes(b"\xff\xfe\x00garbage")

@@ -4,7 +4,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import base_config, bids_dataset
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -12,7 +11,9 @@ from brainddpm.data.dataset import ShardDataset
 from brainddpm.data.manifest import read_tsv
 from brainddpm.data.nifti import preprocess, target_affine
 from brainddpm.data.prepare import n_shards, run_index, run_manifest, run_shard, run_split
+from brainddpm.data.shards import data_description
 from brainddpm.errors import BadInputError
+from helpers import base_config, bids_dataset
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,9 @@ def test_shard_roundtrip_equals_preprocessed(prepared):
     assert len(ds) == len(rows)
     for i, row in enumerate(rows):
         expected, _ = preprocess(row["path"], cfg["data"])
-        got = ds[i]
+        got, condition = ds[i]
         assert got.shape == (1, 8, 12, 8) and got.dtype == torch.float32
+        assert condition.shape == (1, 0)  # an unconditional split: the pair's condition vector is empty
         np.testing.assert_allclose(got[0].numpy(), expected.astype(np.float16).astype(np.float32))
         assert ds.meta[i]["subject"] == row["subject"] and ds.meta[i]["source_sha256"] == row["sha256"]
 
@@ -59,6 +61,14 @@ def test_shard_layout_and_index(prepared):
     assert index["n_volumes"] == sum(s["count"] for s in index["shards"])
     assert [s["file"] for s in index["shards"]] == [f.name for f in files["train"]]
     assert not list(tmp.glob("**/.tmp-*"))
+
+
+def test_data_description_reads_the_grid_of_the_split(prepared):
+    cfg, tmp, files = prepared
+    meta = data_description(tmp / "train")
+    assert meta["target_shape"] == [8, 12, 8] and meta["intensity_range"] == [0.0, 1.0]
+    np.testing.assert_allclose(meta["affine"], target_affine(cfg["data"]))
+    assert "latent_shape" not in meta  # image shards: no latent description
 
 
 def test_checksum_verification_catches_corruption(prepared, tmp_path):
@@ -78,9 +88,11 @@ def test_dataloader_workers_and_distributed_sampler(prepared):
     cfg, tmp, files = prepared
     ds = ShardDataset(tmp / "train")
     loader = DataLoader(ds, batch_size=2, num_workers=2)
-    seen = torch.cat([b for b in loader])
+    batches = list(loader)
+    assert all(len(b) == 2 for b in batches)  # (volumes, condition vectors), whatever the dataset
+    seen = torch.cat([x for x, _ in batches])
     cached = ShardDataset(tmp / "train", cache=True)
-    assert torch.equal(seen, torch.stack([cached[i] for i in range(len(cached))]))
+    assert torch.equal(seen, torch.stack([cached[i][0] for i in range(len(cached))]))
     parts = [list(DistributedSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=3)) for r in (0, 1)]
     assert set(parts[0] + parts[1]) == set(range(len(ds)))
     assert len(parts[0]) == len(parts[1]) == (len(ds) + 1) // 2

@@ -7,7 +7,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import SHAPE, TINY_AUTOENCODER, make_shards
 
 from brainddpm.data.nifti import grid_affine
 from brainddpm.data.prepare import run_index
@@ -16,6 +15,7 @@ from brainddpm.encoding.encode import run_encode
 from brainddpm.errors import BadInputError
 from brainddpm.models.autoencoder import build_autoencoder, encode_volumes
 from brainddpm.models.final import save_final
+from helpers import SHAPE, TINY_AUTOENCODER, make_shards
 
 SCALE = 2.5
 

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from helpers import COND, SHAPE, aging_brains, write_split
 
 from brainddpm.evaluation.condition_check import features, run_condition_check, ventricle_fraction
 from brainddpm.models.conditioning import fit_encoding
+from helpers import COND, SHAPE, aging_brains, write_split
 
 
 def test_ventricle_fraction_grows_with_the_dark_core():
@@ -68,7 +68,8 @@ def test_a_generator_that_ignores_the_condition_shows_none(real_splits, tmp_path
     root, encoding = real_splits
     requested = [25.0] * 8 + [80.0] * 8
     shown = [52.0] * 16  # every volume looks middle-aged, whatever was asked
-    doc = run_condition_check(300, 0, root / "train", root / "val", _samples(tmp_path / "s", encoding, shown, requested),
+    samples = _samples(tmp_path / "s", encoding, shown, requested)
+    doc = run_condition_check(300, 0, root / "train", root / "val", samples,
                               tmp_path / "conditioning.json")
     diff = doc["ventricle_effect"]["age"]["difference"]
     assert not diff["excludes_zero"] and diff["ci_low"] <= 0 <= diff["ci_high"]

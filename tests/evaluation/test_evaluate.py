@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import base_config
 
 from brainddpm.data.nifti import target_affine
 from brainddpm.data.shards import write_index, write_shard
 from brainddpm.evaluation import medicalnet
 from brainddpm.evaluation.evaluate import run_bootstrap, run_features, run_gather, run_memorization
 from brainddpm.evaluation.report import write_report
-from brainddpm.training.progress import plot_loss
+from brainddpm.training.losslog import plot_loss
+from helpers import base_config
 
 SHAPE = (16, 20, 16)
 
@@ -102,6 +102,22 @@ def test_memorization_flags_a_copied_training_volume(evaluated, tmp_path):
     m = run_memorization(cfg, 5, train, val, 8, [part], tmp_path / "m.json")
     assert m["flagged"][0] == 0 and m["synthetic_nearest_train"][0] == 4
     assert m["synthetic_max_corr"][0] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_memorization_checks_every_samplers_volumes(evaluated, tmp_path):
+    """Friction 5: the copy is in the second sampler's part; the check finds it there (the top level stays the
+    first sampler's, which the report draws, and is what one sampler alone gives)."""
+    tmp, doc, memo, train, val, syn_part = evaluated
+    copied = tmp_path / "samples" / "ddim" / "part-000.h5"
+    write_shard(copied, np.concatenate([blobs(10, 1)[[4]], blobs(3, 9)]),
+                [{"subject": f"synthetic-{i:04d}"} for i in range(4)], np.eye(4), dtype="float32")
+    cfg = base_config()["evaluate"]["memorization"]
+    both = run_memorization(cfg, 5, train, val, 8, [syn_part, copied], tmp_path / "m.json")
+    assert list(both["samplers"]) == ["ddpm", "ddim"]
+    assert both["samplers"]["ddim"]["flagged"][0] == 0 and both["samplers"]["ddim"]["synthetic_nearest_train"][0] == 4
+    alone = run_memorization(cfg, 5, train, val, 8, [syn_part], tmp_path / "alone.json")
+    assert "samplers" not in alone and {k: v for k, v in both.items() if k != "samplers"} == alone
+    assert both["samplers"]["ddpm"] == alone
 
 
 def test_report_is_written(evaluated, tmp_path):

@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import torch
-from helpers import TINY_AUTOENCODER, make_shards
 
 from brainddpm.data.shards import read_volumes, split_files
 from brainddpm.evaluation.bootstrap import subject_means_ci, subject_resamples
 from brainddpm.evaluation.reconstruction import run_reconstruction
 from brainddpm.models.autoencoder import build_autoencoder, decode_latents, encode_volumes
 from brainddpm.models.final import save_final
+from helpers import TINY_AUTOENCODER, make_shards
 
 
 def test_reconstruction_scores_the_sampling_path(tmp_path):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from helpers import TINY_AUTOENCODER
 
 from brainddpm.errors import CheckpointError
 from brainddpm.models.autoencoder import (
@@ -16,6 +15,7 @@ from brainddpm.models.autoencoder import (
 )
 from brainddpm.models.diffusion import build_model
 from brainddpm.models.final import load_final, save_final
+from helpers import TINY_AUTOENCODER
 
 TINY = {"channels": [8, 8, 8], "attention_levels": [False, False, True], "num_res_blocks": 1,
         "num_head_channels": 8, "norm_num_groups": 8, "use_flash_attention": False}

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import base_config, bids_dataset
 
 from brainddpm.config import deep_merge, validate_config
 from brainddpm.data.covariates import parse_value
@@ -20,6 +19,7 @@ from brainddpm.models.conditioning import NULL_FILL, CovariateEncoding, fit_enco
 from brainddpm.models.diffusion import drop_condition
 from brainddpm.models.final import load_final, read_final
 from brainddpm.sampling.plan import build_plan, plan_match_validation, plan_strata
+from helpers import base_config, bids_dataset
 
 COND = {"covariates": [{"name": "age", "type": "continuous"}, {"name": "sex", "type": "categorical"}],
         "drop_prob": 0.15, "missing": "drop"}
@@ -89,10 +89,12 @@ def test_strata_plan_spaces_ranges_and_balances_unnamed_covariates():
 
 
 def test_config_checks_strata_against_covariates_and_n():
-    cfg = base_config(condition=COND, sample={"n": 8, "jobs": 2, "conditions": [{"age": [70, 80], "n": 4}, {"sex": "F", "n": 4}]})
+    strata = [{"age": [70, 80], "n": 4}, {"sex": "F", "n": 4}]
+    cfg = base_config(condition=COND, sample={"n": 8, "jobs": 2, "conditions": strata})
     validate_config(cfg)
     for sample, message in (({"n": 9}, "'sample.n': 9, but the strata"),
-                            ({"conditions": [{"site": "A", "n": 8}]}, r"'sample.conditions\[0\].site': not a covariate"),
+                            ({"conditions": [{"site": "A", "n": 8}]},
+                             r"'sample.conditions\[0\].site': not a covariate"),
                             ({"conditions": [{"sex": [1, 2], "n": 8}]}, "needs a continuous covariate"),
                             ({"conditions": [{"age": "old", "n": 8}]}, "is not a number")):
         with pytest.raises(ConfigError, match=message):
@@ -155,9 +157,8 @@ def _conditional_shards(split_dir, n: int = 8):
 
 
 def test_covariates_round_trip_through_shards_training_and_the_model_file(tmp_path):
-    from helpers import tiny_config
-
     from brainddpm.training.loop import train
+    from helpers import tiny_config
 
     split, meta = _conditional_shards(tmp_path / "train")
     assert [m["covariates"] for m in read_meta(split / "shard-000.h5")] == [m["covariates"] for m in meta]
@@ -177,10 +178,10 @@ def test_covariates_round_trip_through_shards_training_and_the_model_file(tmp_pa
 
 
 def test_an_empty_condition_section_trains_the_unconditional_model_bit_for_bit(tmp_path):
-    from helpers import make_shards, tiny_config
     from safetensors.torch import load_file
 
     from brainddpm.training.loop import train
+    from helpers import make_shards, tiny_config
 
     split = make_shards(tmp_path / "train")
     plain = tiny_config(max_steps=3)
@@ -194,11 +195,11 @@ def test_an_empty_condition_section_trains_the_unconditional_model_bit_for_bit(t
 
 def test_sampling_a_conditional_model_follows_its_plan_and_stores_what_was_asked(tmp_path):
     import h5py
-    from helpers import tiny_config
 
     from brainddpm.sampling.plan import run_condition_plan
     from brainddpm.sampling.sample import run_sample
     from brainddpm.training.loop import train
+    from helpers import tiny_config
 
     split, meta = _conditional_shards(tmp_path / "train")
     val, _ = _conditional_shards(tmp_path / "val", n=3)
@@ -219,14 +220,16 @@ def test_sampling_a_conditional_model_follows_its_plan_and_stores_what_was_asked
         assert json.loads(f.attrs["encoding"])["covariates"] == plan["encoding"]["covariates"]
         assert f.attrs["guidance_scale"] == 2.5
     sidecar = json.loads((tmp_path / "nifti" / "synthetic-0003_ddim.json").read_text())
-    assert sidecar["covariates"] == plan["volumes"][3]["covariates"] and sidecar["seed"] == cfg["sample"]["base_seed"] + 3
+    assert sidecar["covariates"] == plan["volumes"][3]["covariates"]
+    assert sidecar["seed"] == cfg["sample"]["base_seed"] + 3
     assert sidecar["guidance_scale"] == 2.5 and (tmp_path / "nifti" / "synthetic-0003_ddim.nii.gz").exists()
     # a plan made for another model's encoding is refused
     other = json.loads((tmp_path / "conditions.json").read_text())
     other["encoding"]["covariates"][0]["mean"] += 1
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(BadInputError, match="another model's covariate encoding"):
-        run_sample(sample_cfg, model, "ddim", 0, tmp_path / "p.h5", tmp_path / "nifti", plan_path=tmp_path / "other.json")
+        run_sample(sample_cfg, model, "ddim", 0, tmp_path / "p.h5", tmp_path / "nifti",
+                   plan_path=tmp_path / "other.json")
     with pytest.raises(BadInputError, match="an unconditional model"):
         from helpers import make_shards
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import base_config
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
@@ -12,6 +11,7 @@ from brainddpm.bench.train import bench_train
 from brainddpm.config import validate_config
 from brainddpm.errors import ConfigError
 from brainddpm.models.diffusion import build_ddim, build_model, build_scheduler, diffusion_loss
+from helpers import base_config
 
 TINY = {"channels": [8, 8, 8], "attention_levels": [False, False, True], "num_res_blocks": 1,
         "num_head_channels": 8, "norm_num_groups": 8, "use_flash_attention": False}
@@ -71,10 +71,9 @@ def test_bench_train_goes_through_the_training_engine(backend):
 def test_bench_train_times_the_autoencoder_with_its_own_objective(adversarial):
     """kind="autoencoder" times the network the autoencoder's training run builds (not the UNet), on
     volumes padded to pad_multiple, with the discriminator when its weight is on, and really steps it."""
-    from helpers import TINY_AUTOENCODER
-
     from brainddpm.config import deep_merge
     from brainddpm.models.autoencoder import build_autoencoder, build_discriminator
+    from helpers import TINY_AUTOENCODER
 
     ae = deep_merge(TINY_AUTOENCODER, {"pad_multiple": 8, "use_checkpoint": True,
                                        "adversarial": {"weight": adversarial, "start_step": 0},

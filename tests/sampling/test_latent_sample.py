@@ -7,7 +7,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import SHAPE, TINY_AUTOENCODER
 
 from brainddpm.data.nifti import grid_affine
 from brainddpm.errors import BadInputError, CheckpointError
@@ -16,6 +15,7 @@ from brainddpm.models.autoencoder import build_autoencoder, decode_latents
 from brainddpm.models.diffusion import build_model
 from brainddpm.models.final import load_final, save_final
 from brainddpm.sampling.sample import denoise, make_scheduler, run_sample
+from helpers import SHAPE, TINY_AUTOENCODER
 
 UNET = {"kind": "latent", "channels": [8, 8, 8], "attention_levels": [False, False, True], "num_res_blocks": 1,
         "num_head_channels": 8, "norm_num_groups": 8, "use_flash_attention": False}

@@ -222,14 +222,15 @@ def slurm_conf(
     cluster_name: str = "brainddpm-ci",
     gres: str | None = None,
     extra_partitions: tuple[str, ...] = (),
-    network: "PrivateNetwork | None" = None,
+    network: PrivateNetwork | None = None,
 ) -> str:
     w = workdir
     node_gres = f" Gres={gres}" if gres else ""
     gres_types = f"GresTypes={gres.split(':')[0]}\n" if gres else ""
     if network is None:
         ctld_host = f"{NODE}(127.0.0.1)"
-        node_lines = f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={real_memory_mb}{node_gres} State=UNKNOWN\n"
+        node_lines = (f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={real_memory_mb}{node_gres} "
+                      "State=UNKNOWN\n")
         node_list, what = NODE, "a one-node test cluster on localhost"
     else:
         ctld_host = f"{socket.gethostname()}({network.bridge_addr})"
@@ -315,7 +316,7 @@ class PrivateNetwork:
         return f"{NETNS_PREFIX}{i + 1}"
 
     @classmethod
-    def create(cls, n: int) -> "PrivateNetwork":
+    def create(cls, n: int) -> PrivateNetwork:
         if shutil.which("ip") is None:
             raise SlurmUnavailable("several SLURM nodes need network namespaces: `ip` (iproute2) is missing")
         cleanup_stale_network()
@@ -390,7 +391,8 @@ class Cluster:
     # ------------------------------------------------------------------ helpers
     def run(self, *cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """Run a SLURM client command against this cluster (text output)."""
-        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check, timeout=timeout, **kw)
+        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check,
+                              timeout=timeout, **kw)
 
     def sbatch(self, *args: str) -> str:
         """sbatch --parsable ARGS..., returns the job id."""
@@ -530,7 +532,7 @@ class Cluster:
                 f.close()
         self.procs = {}
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from brainddpm.errors import CheckpointError
 from brainddpm.fileio import sha256_file
 from brainddpm.training import checkpoint as ckpt
 
@@ -98,3 +99,48 @@ def test_optimizer_state_roundtrip(tmp_path):
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
 
+
+
+def test_checkpointer_restores_the_whole_state_and_leaves_the_fresh_one_untouched(tmp_path):
+    """Save a state after a step, then restore it into a fresh one: every part comes back (network, EMA,
+    generator, optimizer, bookkeeping), into a new state; the fresh state's EMA and generator are not changed."""
+    from brainddpm.training.engine import RunPlan
+    from brainddpm.training.runtime import Runtime
+    from helpers import tiny_config
+
+    cfg, runtime = tiny_config(), Runtime(0, 1, 0, torch.device("cpu"), owns_group=False)
+    plan = RunPlan(1, 1, 1, steps_per_epoch=4, total_steps=8, bf16=False)
+
+    def fresh() -> ckpt.TrainState:
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+        return ckpt.TrainState(net, {k: v.detach().clone() for k, v in net.state_dict().items()},
+                               torch.Generator().manual_seed(7), torch.optim.Adam(net.parameters()))
+
+    state = fresh()
+    state.net(torch.rand(4, 3)).square().sum().backward()
+    state.optimizer.step()
+    state.ema = {k: v.detach().clone() + 1 for k, v in state.net.state_dict().items()}
+    torch.rand(5, generator=state.generator)
+    state.step, state.last_loss = 3, 0.25
+    checkpointer = ckpt.Checkpointer(tmp_path, cfg, "diffusion", runtime, plan, "sha")
+    checkpointer.save(state)
+    meta = ckpt.read_meta(tmp_path / "step-00000003")
+    assert meta["step"] == 3 and meta["final_loss"] == 0.25 and meta["epoch"] == 0.75 and meta["kind"] == "diffusion"
+
+    start = fresh()
+    ema_before, generator_before = {k: v.clone() for k, v in start.ema.items()}, start.generator.get_state()
+    resumed = ckpt.Checkpointer(tmp_path, cfg, "diffusion", runtime, plan, "sha").restore(start)
+    assert (resumed.step, resumed.resumed_from, resumed.last_loss) == (3, 3, 0.25)
+    assert resumed.wall_before_s == meta["wall_time_s"]
+    assert all(torch.equal(resumed.ema[k], state.ema[k]) for k in state.ema)
+    assert torch.equal(resumed.generator.get_state(), state.generator.get_state())
+    assert all(torch.equal(a, b) for a, b in zip(resumed.net.parameters(), state.net.parameters()))
+    assert torch.equal(resumed.optimizer.state_dict()["state"][0]["exp_avg"],
+                       state.optimizer.state_dict()["state"][0]["exp_avg"])
+    assert all(torch.equal(start.ema[k], ema_before[k]) for k in ema_before)  # the fresh state's stay as they were
+    assert torch.equal(start.generator.get_state(), generator_before)
+    # no checkpoint: the state is used as it is; another training set: refused, naming what changed
+    assert ckpt.Checkpointer(tmp_path / "none", cfg, "diffusion", runtime, plan, "sha").restore(start) is start
+    with pytest.raises(CheckpointError, match="different the training shards"):
+        ckpt.Checkpointer(tmp_path, cfg, "diffusion", runtime, plan, "other").restore(fresh())

@@ -8,7 +8,6 @@ import logging
 
 import pytest
 import torch
-from helpers import SHAPE, tiny_config
 
 from brainddpm.config import performance_section, validate_config
 from brainddpm.device import CUDA_DEFAULTS, EAGER, Performance, resolve_performance
@@ -17,6 +16,7 @@ from brainddpm.models.diffusion import build_model, build_scheduler
 from brainddpm.training.engine import Engine, RunPlan
 from brainddpm.training.objectives import DiffusionObjective
 from brainddpm.training.runtime import scoped_environment, setup_runtime
+from helpers import SHAPE, tiny_config
 
 
 def test_auto_is_the_measured_gpu_default_and_off_on_cpus():

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import launch_config, losses, make_shards
 from submitit.slurm.slurm import _make_sbatch_string
 
 from brainddpm.errors import BadInputError, BrainDDPMError, ConfigError
@@ -24,6 +23,7 @@ from brainddpm.training.launch import (
     wait_training,
 )
 from brainddpm.training.runtime import TrainingInterrupted
+from helpers import launch_config, losses, make_shards
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def test_one_process_runtime_leaves_the_environment_as_it_was(monkeypatch):
     assert dict(os.environ) == before
 
 
-def test_stop_signal_sets_a_flag_and_forwards_to_the_previous_handler():
+def test_stop_signal_sets_a_flag_and_hands_over_to_the_previous_handler():
     seen = []
     previous = signal.signal(signal.SIGUSR2, lambda *a: seen.append("previous"))
     try:
@@ -52,6 +52,6 @@ def test_stop_signal_sets_a_flag_and_forwards_to_the_previous_handler():
         stop.install()
         os.kill(os.getpid(), signal.SIGUSR2)
         assert stop.flag and not seen
-        assert stop.forward() and seen == ["previous"]
+        assert stop.hand_over() and seen == ["previous"]
     finally:
         signal.signal(signal.SIGUSR2, previous)

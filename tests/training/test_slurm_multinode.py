@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import launch_config, losses, make_shards
 
 from brainddpm.training.checkpoint import find_latest
 from brainddpm.training.launch import run_training
+from helpers import launch_config, losses, make_shards
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SHAPE, losses, make_shards, tiny_config
 from safetensors.torch import load_file
 
 from brainddpm.config import deep_merge
@@ -22,6 +21,7 @@ from brainddpm.training.engine import Engine, RunPlan, ema_decay_at
 from brainddpm.training.loop import train
 from brainddpm.training.objectives import DiffusionObjective
 from brainddpm.training.runtime import scoped_environment, setup_runtime
+from helpers import SHAPE, losses, make_shards, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +59,17 @@ def test_a_few_steps_reduce_the_loss(shards, tmp_path):
     assert more["resumed_from_step"] == 12 and [s for s, _ in losses(tmp_path)] == list(range(1, 15))
 
 
-@pytest.mark.parametrize("backend,zero_stage", [("ddp", 0), ("deepspeed", 1), ("accelerate", 0)])
-def test_resume_is_exact(shards, tmp_path, caplog, backend, zero_stage):
+@pytest.mark.parametrize("backend,zero_stage,kind", [("ddp", 0, "ddpm"), ("deepspeed", 1, "ddpm"),
+                                                     ("accelerate", 0, "ddpm"), ("ddp", 0, "rflow")])
+def test_resume_is_exact(shards, tmp_path, caplog, backend, zero_stage, kind):
     environment = dict(os.environ)
-    cfg = tiny_config(backend=backend, zero_stage=zero_stage, grad_accum=2, micro_batch=1)
+    flow = {"scheduler": {"kind": kind}, "sample": {"samplers": ["rflow" if kind == "rflow" else "ddpm"]}}
+    cfg = deep_merge(tiny_config(backend=backend, zero_stage=zero_stage, grad_accum=2, micro_batch=1), flow)
     straight = tmp_path / "straight"
     train(cfg, shards, straight)
     split = tmp_path / "split"
-    train(tiny_config(backend=backend, zero_stage=zero_stage, grad_accum=2, micro_batch=1, max_steps=3),
-          shards, split)
+    train(deep_merge(tiny_config(backend=backend, zero_stage=zero_stage, grad_accum=2, micro_batch=1, max_steps=3),
+                     flow), shards, split)
     resumed = train(cfg, shards, split)
     assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 6
     assert [s for s, _ in losses(split)] == list(range(1, 7))
@@ -140,15 +142,16 @@ def test_every_engine_honours_the_precision(backend, precision):
     assert dict(os.environ) == before  # nothing leaks (Accelerate exports LOCAL_WORLD_SIZE and others)
 
 
-def test_progress_is_shown_while_waiting(shards, tmp_path, caplog):
-    """The run writes progress.json; the watcher of `brainddpm train` turns it into one line, in place on a
-    terminal, as a log line elsewhere."""
+def test_live_status_is_shown_while_waiting(shards, tmp_path, caplog):
+    """The run writes its live status file (progress.json); the watcher of `brainddpm train` turns it into one
+    line, in place on a terminal, as a log line elsewhere."""
     import io
 
-    from brainddpm.training.progress import PROGRESS, ProgressWatcher, format_duration
+    from brainddpm.training.launch import LiveStatusWatcher
+    from brainddpm.training.losslog import LIVE_STATUS, format_duration
 
     train(tiny_config(max_steps=4), shards, tmp_path)
-    state = json.loads((tmp_path / "checkpoints" / PROGRESS).read_text())
+    state = json.loads((tmp_path / "checkpoints" / LIVE_STATUS).read_text())
     assert state["step"] == state["total_steps"] == 4 and state["samples_per_s"] > 0 and state["eta_s"] == 0
 
     class Terminal(io.StringIO):
@@ -156,14 +159,14 @@ def test_progress_is_shown_while_waiting(shards, tmp_path, caplog):
             return True
 
     screen = Terminal()
-    watcher = ProgressWatcher(tmp_path / "checkpoints" / PROGRESS, stream=screen)
+    watcher = LiveStatusWatcher(tmp_path / "checkpoints" / LIVE_STATUS, stream=screen)
     line = watcher.poll()
     assert line.startswith("training: step 4/4 (epoch ") and "samples/s per process, ETA 0 s" in line
     assert watcher.poll() is None  # nothing new
     watcher.close()
     assert screen.getvalue() == "\r" + line.ljust(100) + "\n"
-    assert ProgressWatcher(tmp_path / "missing.json").poll() is None
-    with caplog.at_level(logging.INFO, logger="brainddpm.training.progress"):  # the rule's log, terminal or not
-        ProgressWatcher(tmp_path / "checkpoints" / PROGRESS, stream=io.StringIO()).poll()
+    assert LiveStatusWatcher(tmp_path / "missing.json").poll() is None
+    with caplog.at_level(logging.INFO, logger="brainddpm.training.launch"):  # the rule's log, terminal or not
+        LiveStatusWatcher(tmp_path / "checkpoints" / LIVE_STATUS, stream=io.StringIO()).poll()
     assert line in caplog.text
     assert [format_duration(s) for s in (None, 12.4, 425, 12000)] == ["?", "12 s", "7 min 5 s", "3 h 20 min"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import autoencoder_config, make_shards
 
 from brainddpm.data.shards import read_volumes, split_files
 from brainddpm.models.autoencoder import build_autoencoder, encode_volumes, load_autoencoder
 from brainddpm.models.final import read_final
 from brainddpm.training.checkpoint import load_file
 from brainddpm.training.loop import train
+from helpers import autoencoder_config, make_shards
 
 
 def _l1(autoencoder, ae_cfg, volumes) -> float:
@@ -88,9 +88,8 @@ def test_patch_larger_than_the_volumes_is_a_config_error(tmp_path):
 
 
 def test_latent_model_needs_latent_shards(tmp_path):
-    from helpers import tiny_config
-
     from brainddpm.errors import BadInputError
+    from helpers import tiny_config
 
     shards = make_shards(tmp_path / "shards", n=4)
     cfg = tiny_config()

@@ -6,12 +6,11 @@ import re
 
 import pytest
 import yaml
-from helpers import ROOT, base_config
-from test_workflow import snakemake
 
 from brainddpm.config import deep_merge, load_config, validate_config
 from brainddpm.errors import ConfigError
-from brainddpm.utility.protocol import DEFAULTS
+from helpers import ROOT, base_config
+from test_workflow import snakemake
 
 COND = {"covariates": [{"name": "diagnosis", "type": "categorical"}, {"name": "age", "type": "continuous"}]}
 STRATA = [{"diagnosis": "patient", "n": 2}, {"diagnosis": "control", "n": 2}]
@@ -24,8 +23,10 @@ def _utility(**over) -> dict:
     return deep_merge(cfg, over)
 
 
-def test_config_yaml_holds_the_protocols_defaults():
-    assert yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["utility"] == DEFAULTS
+def test_config_yaml_holds_the_schemas_defaults():
+    """The schema holds the utility section's defaults; config/config.yaml repeats them, key for key."""
+    assert yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["utility"] == \
+        validate_config({"utility": {}}, partial=True)["utility"]
 
 
 def test_the_utility_demo_config_is_valid():

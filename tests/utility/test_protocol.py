@@ -11,17 +11,22 @@ import json
 
 import numpy as np
 import pytest
-import utility_tasks as tasks
 
+import utility_tasks as tasks
 from brainddpm.errors import BadInputError, ConfigError
 from brainddpm.evaluation.bootstrap import subject_resamples
 from brainddpm.utility import downstream
-from brainddpm.utility.commands import add_commands
-from brainddpm.utility.protocol import gather, run_part, utility_settings
+from brainddpm.utility.commands import add_commands, read_settings
+from brainddpm.utility.protocol import gather, run_part
 
 SETTINGS = {"target": "diagnosis", "repeats": 3, "ratios": [2], "bootstrap": 500,
             "cnn": {"channels": [4, 8], "strides": [2, 2], "steps": 60, "batch": 8, "lr": 3e-3},
             "linear": {"components": 30}}
+
+
+def utility_settings(given: dict) -> dict:
+    """The settings the subcommands read from --settings-json: the schema's checks and defaults."""
+    return read_settings(argparse.Namespace(settings_json=json.dumps(given)))
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import argparse
 import json
 
 import numpy as np
-import utility_tasks as tasks
 
+import utility_tasks as tasks
 from brainddpm.utility.commands import add_commands
 from brainddpm.utility.two_sample import two_sample_test
 

@@ -1,28 +1,30 @@
 # Config validation, paths and targets. Logic lives in src/brainddpm.
 import os
-
+import shlex
 import sys
 
-from brainddpm.config import autoencoder_training, is_conditioned, is_latent
+from brainddpm import reruns
+from brainddpm.config import is_conditioned, is_latent
 from brainddpm.config import dumps, utility_enabled, validate_config
+from brainddpm.bids import preprocess_jobs, preprocessed_paths
 from brainddpm.errors import ConfigError
-from brainddpm.startup import check_datasets, check_launch_site, resolve_account, train_submission
+from brainddpm.startup import check_site, profile_resources, resolve_account, train_submission
 
-try:  # before any job, `-n` included: the schema, then the site (paths, SLURM account, QOS)
+try:  # before any job, `-n` included: the schema, then the site (paths, SLURM account and QOS, profile, GPUs)
     validate_config(config)
     config["launch"] = resolve_account(config["launch"])  # launch.account, else $BRAINDDPM_SLURM_ACCOUNT
-    check_datasets(config)
-    check_launch_site(config["launch"])
+    # what the profile asks of SLURM: the only part of it seen here (the executor is known once jobs are made)
+    check_site(config, profile_resources(workflow.resource_settings), main_process=workflow.is_main_process)
 except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}")
 if config["launch"]["executor"] == "slurm":
-    print(train_submission(config["launch"]), file=sys.stderr)
+    print(train_submission(config["launch"], latent=is_latent(config)), file=sys.stderr)
 
 # How fast the jobs run (compile, channels-last, bf16 GroupNorm), never what they compute: `brainddpm train`
 # and `brainddpm sample` read it from this variable, which every job inherits (a SLURM job's Snakemake
 # sets it again). Not a param and not in the shell commands, so changing it reruns nothing: params and
 # the commands' text are both rerun triggers.
-os.environ.update(BRAINDDPM_PERFORMANCE=dumps(config.get("performance") or {}))  # set here, read by jobs
+os.environ.update(BRAINDDPM_PERFORMANCE=dumps(config["performance"]))  # set here, read by jobs
 
 R = config["results"]
 RUN = config["run"]
@@ -31,6 +33,11 @@ CONDITIONED = is_conditioned(config)  # condition.covariates set: a conditional 
 LATENT = is_latent(config)  # model.kind: latent: autoencoder -> latent shards -> latent DDPM (latent.smk)
 DEMO_PARTICIPANTS = f"{DEMO_DIR}/participants.tsv" if config["demo"]["enabled"] else []
 UTILITY = utility_enabled(config)  # utility.enabled: the utility stage (utility.smk); off, nothing of it exists
+# datasets with preprocess: true: one preprocess job per raw image (its MNI-space brain -> its raw input)
+PREPROCESSED = f"{R}/preprocessed"
+PREPROCESS_JOBS = preprocess_jobs(config["datasets"], PREPROCESSED)
+QC = f"{R}/qc"
+QC_EXCLUDES = config["data"]["qc"]["policy"] == "exclude"  # then the split reads qc.tsv; warn and fail do not
 
 
 wildcard_constraints:
@@ -38,37 +45,39 @@ wildcard_constraints:
     i=r"\d{4}",
     part=r"\d{3}",
     k=r"\d{3}",
-    sampler="ddpm|ddim",
+    sampler="ddpm|ddim|rflow",
 
 
-def stage_config(*sections, condition=False):
-    """JSON of the config sections a step uses: rules rerun when (only) these change. With `condition`,
-    the `condition` section too, but only for a conditional model: an unconditional run's params (and so
-    its outputs) stay exactly what they were before conditioning existed."""
-    keys = list(sections) + (["condition"] if condition and CONDITIONED else [])
-    cfg = {k: config[k] for k in keys}
-    if "model" in cfg and not LATENT:  # model.kind: pixel (the default) leaves a pixel run's params as they were
-        cfg["model"] = {k: v for k, v in cfg["model"].items() if k != "kind"}
-    return dumps(cfg)
+# Paths in shell lines are quoted where a config path needs it (brainddpm.reruns.needs_quoting): only then, as
+# the text of a shell line is a rerun trigger, and runs made before quoting existed must not rerun.
+QUOTE_PATHS = reruns.needs_quoting(config)
+
+
+def shell_line(template):
+    return reruns.quoted(template) if QUOTE_PATHS else template
+
+
+# The rules' params: which config keys rerun which step is decided in brainddpm.reruns (tests/test_reruns.py)
+def stage_config(step):
+    # a function, so that Snakemake does not read a dataset's "{subject}" (reference_mask) as a wildcard
+    text = reruns.stage_params(config, step)
+    return lambda wildcards: text
+
+
+def preprocess_config():
+    return reruns.preprocess_params(config)
+
+
+def evaluation_config(step):
+    return reruns.evaluation_params(config, step)
 
 
 def autoencoder_config():
-    """What the autoencoder's training depends on: its section, and train.* with autoencoder.train over it;
-    not use_checkpoint (memory, not results: the rule passes it as a resource, so it retrains nothing)."""
-    merged = autoencoder_training(config)
-    section = {k: v for k, v in config["autoencoder"].items() if k != "use_checkpoint"}
-    return dumps({"run": RUN, "seed": config["seed"], "autoencoder": section, "train": merged["train"]})
+    return reruns.autoencoder_params(config)
 
 
 def sampler_config(wildcards):
-    """The sample section as one sampler's jobs see it: without the list of samplers and the other
-    sampler's keys, so `sample.ddim_steps` reruns the DDIM parts only (not hours of DDPM parts)."""
-    sample = {**config["sample"], "samplers": [wildcards.sampler]}
-    if wildcards.sampler != "ddim":
-        sample.pop("ddim_steps", None)
-    for key in ("conditions", "guidance_scale"):  # the plan's keys (condition_plan): they reach the parts through it
-        sample.pop(key, None)
-    return dumps({"sample": sample, **({"decode": config["decode"]} if LATENT else {})})
+    return reruns.sampler_params(config, wildcards.sampler)
 
 
 def shard_files(wildcards):
@@ -80,10 +89,16 @@ def shard_files(wildcards):
     return [f"{R}/shards/{wildcards.split}/shard-{i:04d}.h5" for i in range(n)]
 
 
+def print_data_summary():
+    from brainddpm.data.qc import console_summary
+
+    shards = [f"{R}/shards/{split}/index.json" for split in ("train", "val")]
+    for line in console_summary(f"{QC}/data_summary.json", shards):
+        print(line, file=sys.stderr)
+
+
 def prepare_targets():
-    return expand(f"{R}/shards/{{split}}/index.json", split=["train", "val"])
-
-
+    return expand(f"{R}/shards/{{split}}/index.json", split=["train", "val"]) + [f"{QC}/data_summary.json"]
 
 
 # ---- paths of the later stages ----
@@ -93,9 +108,10 @@ LATENTS = f"{R}/latents/{RUN}"
 TRAIN_INDEX = f"{LATENTS}/train/index.json" if LATENT else f"{R}/shards/train/index.json"  # what `train` reads
 TRAIN_DIR = f"{R}/train/{RUN}"
 # the perceptual loss's network, fetched where there is internet (a login node); [] when unused
-PERCEPTUAL = config.get("autoencoder", {}).get("perceptual", {"weight": 0})
-PERCEPTUAL_READY = (f"{PERCEPTUAL['cache_dir']}/.brainddpm-{PERCEPTUAL['network']}"
-                    if LATENT and PERCEPTUAL["weight"] > 0 else [])
+PERCEPTUAL = config["autoencoder"]["perceptual"]
+PERCEPTUAL_READY = (
+    f"{PERCEPTUAL['cache_dir']}/.brainddpm-{PERCEPTUAL['network']}" if LATENT and PERCEPTUAL["weight"] > 0 else []
+)
 
 
 def latent_files(wildcards):
@@ -123,6 +139,8 @@ SAMPLES = f"{R}/samples/{RUN}"
 EVAL = f"{R}/eval/{RUN}"
 SAMPLERS = config["sample"]["samplers"]
 PLAN = f"{SAMPLES}/conditions.json" if CONDITIONED else []  # requested covariates per synthetic volume
+MASKED = config["sample"]["background"] == "mask"
+MASK_RULE = f"{R}/samples/mask_rule.json" if MASKED else []  # sample.background: mask (chosen on the train split)
 FID_WEIGHTS = config["evaluate"]["fid"]["weights"] or []
 
 
@@ -146,9 +164,18 @@ def reconstruction_targets():
     return [f"{EVAL}/reconstruction.json"] if LATENT else []
 
 
+def realism_targets():
+    return [f"{EVAL}/{s}/realism.json" for s in SAMPLERS]
+
+
 def evaluate_targets():
-    return ([f"{EVAL}/{s}/metrics.json" for s in SAMPLERS] + [f"{EVAL}/memorization.json"] + conditioning_targets()
-            + reconstruction_targets())
+    return (
+        [f"{EVAL}/{s}/metrics.json" for s in SAMPLERS]
+        + [f"{EVAL}/memorization.json"]
+        + realism_targets()
+        + conditioning_targets()
+        + reconstruction_targets()
+    )
 
 
 def report_targets():
@@ -161,41 +188,27 @@ UTILITY_JSON = f"{UTILITY_DIR}/utility.json"
 
 
 def utility_kind():
-    """categorical or continuous: utility.target_type, or (auto) the type of the target in condition.covariates."""
-    u = config["utility"]
-    types = {c["name"]: c["type"] for c in config["condition"]["covariates"]}
-    return types[u["target"]] if u.get("target_type", "auto") == "auto" else u["target_type"]
+    return reruns.utility_kind(config)
 
 
 def utility_arms():
     from brainddpm.utility.arms import arm_names
 
-    return arm_names(config["utility"].get("ratios", [0.5, 1.0, 2.0]), utility_kind() == "categorical")
+    return arm_names(config["utility"]["ratios"], utility_kind() == "categorical")
 
 
 def utility_sampler():
-    return config["utility"].get("sampler") or SAMPLERS[0]
+    return config["utility"]["sampler"] or SAMPLERS[0]
 
 
 def utility_config(step, arm=None):
-    """JSON of the utility section as one step sees it: only the keys that change that step's result, so that
-    e.g. adding a ratio runs the new arm's parts only, and utility.bootstrap reruns the gather step only.
-    target_type is resolved (auto: the covariate's type), as the list of arms was."""
-    u = {k: v for k, v in config["utility"].items() if k not in ("enabled", "sampler")}
-    u["target_type"] = utility_kind()
-    if step == "part":
-        u = {k: v for k, v in u.items() if k not in ("two_sample", "bootstrap", "confidence")}
-        u["ratios"] = [float(arm.removeprefix("mix-"))] if arm.startswith("mix-") else []
-        if arm != "augmented":
-            u.pop("augment_ratio", None)
-    elif step == "two_sample":
-        u = {k: u[k] for k in ("cnn", "two_sample", "bootstrap", "confidence", "seed") if k in u}
-    return dumps(u)
+    return reruns.utility_params(config, step, arm)
 
 
 def utility_parts():
-    return [f"{UTILITY_DIR}/parts/{a}/repeat-{r}.json" for a in utility_arms()
-            for r in range(config["utility"].get("repeats", 5))]
+    return [
+        f"{UTILITY_DIR}/parts/{a}/repeat-{r}.json" for a in utility_arms() for r in range(config["utility"]["repeats"])
+    ]
 
 
 def two_sample_targets():

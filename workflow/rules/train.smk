@@ -9,7 +9,6 @@ if config["launch"]["executor"] == "slurm":
         train,
 
 
-
 rule train:
     input:
         index=TRAIN_INDEX,  # the image shards, or for latent diffusion the latent shards (latent.smk)
@@ -18,21 +17,23 @@ rule train:
         info=f"{TRAIN_DIR}/train.json",
         loss=f"{TRAIN_DIR}/loss.csv",
         plot=report(f"{TRAIN_DIR}/loss.png", caption="../report/loss.rst", category="Training"),
-    params:
-        cfg=stage_config("run", "seed", "model", "scheduler", "train", condition=True),
-        shards=lambda wc, input: os.path.dirname(input.index),
-        out=lambda wc, output: os.path.dirname(output.model),
+    log:
+        f"{R}/logs/train/{RUN}.log",
+    benchmark:
+        f"{R}/benchmarks/train/{RUN}.tsv"
+    conda:
+        "../envs/brainddpm.yaml"
     threads: training_threads  # common.smk
     resources:
         # Where and how the job runs (nodes, qos, time, requeues, setup lines): like any resource it is
         # not a rerun trigger, so a finished model is not retrained after such a change (params are).
         launch=dumps(config["launch"]),
-    benchmark:
-        f"{R}/benchmarks/train/{RUN}.tsv"
-    log:
-        f"{R}/logs/train/{RUN}.log",
-    conda:
-        "../envs/brainddpm.yaml"
+    params:
+        cfg=stage_config("train"),
+        shards=lambda wc, input: os.path.dirname(input.index),
+        out=lambda wc, output: os.path.dirname(output.model),
     shell:
-        "brainddpm train --config-json {params.cfg:q} --launch-json {resources.launch:q} "
-        "--shards {params.shards} --out {params.out} 2> {log}"
+        shell_line(
+            "brainddpm train --config-json {params.cfg:q} --launch-json {resources.launch:q} "
+            "--shards {params.shards} --out {params.out} 2> {log}"
+        )

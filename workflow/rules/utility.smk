@@ -17,24 +17,26 @@ if UTILITY:
             samples=lambda wc: sample_parts(utility_sampler()) if needs_synthetic(wc.arm) else [],
         output:
             f"{UTILITY_DIR}/parts/{{arm}}/repeat-{{repeat}}.json",
+        log:
+            f"{R}/logs/utility/{RUN}-{{arm}}-{{repeat}}.log",
+        benchmark:
+            f"{R}/benchmarks/utility/{RUN}-{{arm}}-{{repeat}}.tsv"
         wildcard_constraints:
             arm=r"real|synthetic|augmented|oversampled|mix-[0-9.]+",
             repeat=r"\d+",
+        conda:
+            "../envs/brainddpm.yaml"
+        resources:
+            gpu_jobs=1,  # the downstream CNN takes a free GPU where there is one (CPU in the demo)
         params:
             cfg=lambda wc: utility_config("part", wc.arm),
             train=lambda wc, input: os.path.dirname(input.train),
             real=lambda wc, input: os.path.dirname(input.real),
-        resources:
-            gpu_jobs=1,  # the downstream CNN takes a free GPU where there is one (CPU in the demo)
-        benchmark:
-            f"{R}/benchmarks/utility/{RUN}-{{arm}}-{{repeat}}.tsv"
-        log:
-            f"{R}/logs/utility/{RUN}-{{arm}}-{{repeat}}.log",
-        conda:
-            "../envs/brainddpm.yaml"
         shell:
-            "brainddpm utility-part --settings-json {params.cfg:q} --train {params.train} --val {params.real} "
-            "--samples {input.samples} --arm {wildcards.arm} --repeat {wildcards.repeat} --out {output} 2> {log}"
+            shell_line(
+                "brainddpm utility-part --settings-json {params.cfg:q} --train {params.train} --val {params.real} "
+                "--samples {input.samples} --arm {wildcards.arm} --repeat {wildcards.repeat} --out {output} 2> {log}"
+            )
 
     rule two_sample:
         input:
@@ -42,20 +44,22 @@ if UTILITY:
             samples=lambda wc: sample_parts(wc.sampler),
         output:
             f"{UTILITY_DIR}/two-sample/{{sampler}}.json",
+        log:
+            f"{R}/logs/utility/{RUN}-{{sampler}}-two-sample.log",
+        benchmark:
+            f"{R}/benchmarks/utility/{RUN}-{{sampler}}-two-sample.tsv"
+        conda:
+            "../envs/brainddpm.yaml"
+        resources:
+            gpu_jobs=1,
         params:
             cfg=utility_config("two_sample"),
             real=lambda wc, input: os.path.dirname(input.real),
-        resources:
-            gpu_jobs=1,
-        benchmark:
-            f"{R}/benchmarks/utility/{RUN}-{{sampler}}-two-sample.tsv"
-        log:
-            f"{R}/logs/utility/{RUN}-{{sampler}}-two-sample.log",
-        conda:
-            "../envs/brainddpm.yaml"
         shell:
-            "brainddpm two-sample --settings-json {params.cfg:q} --real {params.real} --samples {input.samples} "
-            "--out {output} 2> {log}"
+            shell_line(
+                "brainddpm two-sample --settings-json {params.cfg:q} --real {params.real} --samples {input.samples} "
+                "--out {output} 2> {log}"
+            )
 
     rule utility_gather:
         input:
@@ -63,18 +67,20 @@ if UTILITY:
             two_sample=two_sample_targets(),
         output:
             UTILITY_JSON,
+        log:
+            f"{R}/logs/utility/{RUN}-gather.log",
+        benchmark:
+            f"{R}/benchmarks/utility/{RUN}-gather.tsv"
+        conda:
+            "../envs/brainddpm.yaml"
         params:
             cfg=utility_config("gather"),
             run=RUN,
-        benchmark:
-            f"{R}/benchmarks/utility/{RUN}-gather.tsv"
-        log:
-            f"{R}/logs/utility/{RUN}-gather.log",
-        conda:
-            "../envs/brainddpm.yaml"
         shell:
-            "brainddpm utility-gather --settings-json {params.cfg:q} --parts {input.parts} "
-            "--two-sample {input.two_sample} --run {params.run} --out {output} 2> {log}"
+            shell_line(
+                "brainddpm utility-gather --settings-json {params.cfg:q} --parts {input.parts} "
+                "--two-sample {input.two_sample} --run {params.run} --out {output} 2> {log}"
+            )
 
     rule utility:
         input:

@@ -1,4 +1,4 @@
-"""Benchmarks that print their figures (`brainddpm bench data|train|eval|sampling`).
+"""Benchmarks that print their figures (`brainddpm bench data|train|eval|sampling|gpu`).
 
 data:     volumes/s of NIfTI load + preprocessing (what a loader without shards does) against
           volumes/s read from HDF5 shards through ShardDataset, on the same images, per process.
@@ -7,6 +7,7 @@ train:    steps/s, samples/s, MFU and peak memory of the UNet of a preset on thi
 eval:     wall time of one point evaluation of every metric (Grams, MS-SSIM matrices, features)
           against the 1000 bootstrap resamples that index them.
 sampling: wall time of DDPM (all steps) against DDIM on the same trained model.
+gpu:      this node measured for the configured model, section by section under deadlines (bench/node.py).
 """
 
 from __future__ import annotations
@@ -69,12 +70,18 @@ def print_data(res: dict) -> None:
               f"({r['bytes_per_vol'] / 1e6:.2f} MB/volume)  ratio {r['speedup']:.0f}x")
 
 
-def _preset(name: str) -> dict:
-    from brainddpm.config import deep_merge
-
+def checkout_config_dir() -> Path:
+    """config/ of the checkout this package runs from (its presets: config.yaml, demo.yaml, latent.yaml ...)."""
     root = Path(__file__).resolve().parents[3] / "config"
     if not (root / "config.yaml").exists():
         raise SystemExit(f"config presets not found under {root} (run from a checkout)")
+    return root
+
+
+def _preset(name: str) -> dict:
+    from brainddpm.config import deep_merge
+
+    root = checkout_config_dir()
     import yaml
 
     cfg = yaml.safe_load((root / "config.yaml").read_text())
@@ -87,7 +94,7 @@ def _pct(x) -> str:
     return "n/a (no known peak for this device)" if x is None else f"{100 * x:.1f} %"
 
 
-def _environment(device) -> dict:
+def environment(device) -> dict:
     """Device and library versions, for a record that machines can read."""
     import platform
 
@@ -149,7 +156,7 @@ def bench_train_main(args) -> None:
         print(f"    MFU             : {_pct(baseline['mfu'])}")
         print(f"    peak memory     : {baseline['peak_memory_bytes'] / 2**30:.2f} GiB")
     if args.json:
-        record = {"environment": _environment(torch.device("cuda" if cuda else "cpu")), "preset": args.preset,
+        record = {"environment": environment(torch.device("cuda" if cuda else "cpu")), "preset": args.preset,
                   "target_shape": list(shape), "loop": r, "baseline": baseline,
                   "loop_vs_baseline": r["samples_per_s"] / baseline["samples_per_s"] if baseline else None}
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +230,10 @@ def main(args) -> None:
         print_data(bench_data(args.n, args.target_shape, args.workdir, codecs))
     elif args.what == "train":
         bench_train_main(args)
+    elif args.what == "gpu":
+        from brainddpm.bench.node import main as bench_gpu_main
+
+        bench_gpu_main(args)
     elif args.what == "eval":
         r = bench_eval(args.n, args.shape, args.kernel, args.scales, args.bootstrap, args.jobs,
                        str(torch_device(args.device)))

@@ -33,17 +33,9 @@ from brainddpm.config import autoencoder_training, performance_section
 from brainddpm.device import resolve_performance
 from brainddpm.models.diffusion import build_model, build_scheduler, diffusion_loss, use_low_precision_norms
 from brainddpm.training.engine import Engine, RunPlan, ema_decay_at, ema_update
+from brainddpm.training.flops import device_name, flops_per_sample, mfu, peak_memory, reset_peak_memory, synchronize
 from brainddpm.training.objectives import AutoencoderObjective, DiffusionObjective, Discriminator
-from brainddpm.training.perf import (
-    autocast,
-    device_name,
-    flops_per_sample,
-    mfu,
-    peak_memory,
-    reset_peak_memory,
-    synchronize,
-    use_bf16,
-)
+from brainddpm.training.precision import autocast, use_bf16
 from brainddpm.training.runtime import scoped_environment, setup_runtime
 from brainddpm.training.tasks import autoencoder_flops, autoencoder_parts
 
@@ -87,26 +79,14 @@ def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3
         plan = RunPlan(batch, 1, 1, steps, warmup + steps, use_bf16(train_cfg["precision"], device))
         network = _network(kind, cfg, target_shape, channels, runtime, plan.bf16)
         net = network.net
-        engine = Engine(train_cfg, plan, runtime, net, network.objective, performance, network.discriminator)
+        engine = Engine(train_cfg, plan, runtime, net, network.objective, performance)
         x = torch.rand(batch, network.channels, *target_shape, device=device)
         generator = torch.Generator(device=device).manual_seed(0)
         averaged = {k: v.detach().clone().float() for k, v in net.state_dict().items()} if ema else None
         checksum = _checksum(net)
         try:
-            t0, t_first = 0.0, time.perf_counter()
-            warmup_s = 0.0
-            for i in range(warmup + steps):
-                if i == warmup:
-                    synchronize(device)
-                    warmup_s = time.perf_counter() - t_first
-                    reset_peak_memory(device)
-                    t0 = time.perf_counter()
-                loss = engine.micro_step(x, generator, boundary=True, step=i)
-                if averaged is not None:
-                    ema_update(averaged, net, ema_decay_at(i, cfg["train"]["ema_decay"]))
-            synchronize(device)
-            elapsed = time.perf_counter() - t0
-            peak = peak_memory(device)
+            timing = _time_engine(engine, net, x, generator, warmup, steps, averaged, cfg["train"]["ema_decay"],
+                                  device)
             kernels = _profile(lambda: engine.micro_step(x, generator, boundary=True, step=warmup + steps),
                                device, profile_steps) if profile_steps else None
             checksum = _checksum(net) - checksum
@@ -118,20 +98,42 @@ def bench_train(cfg: dict, target_shape, batch: int, steps: int, warmup: int = 3
                 torch._dynamo.reset()
             if runtime.owns_group and runtime.world_size > 1 and dist.is_initialized():
                 dist.destroy_process_group()
-    samples_per_s = steps * batch / elapsed
+    samples_per_s = steps * batch / timing["elapsed_s"]
     flops = network.flops
     return {
         "device": device_name(device), "backend": train_cfg["backend"], "precision": plan.precision,
         "kind": kind, "channels": network.channels,
         "performance": {k: v for k, v in asdict(performance).items() if k != "compile_backend"},
-        "memory_cap_bytes": memory_cap_bytes, "warmup_steps": warmup, "warmup_s": warmup_s,
+        "memory_cap_bytes": memory_cap_bytes, "warmup_steps": warmup, "warmup_s": timing["warmup_s"],
         "batch": batch, "steps": steps, "target_shape": list(target_shape),
         "parameters": sum(p.numel() for p in net.parameters()),
-        "discriminator_parameters": network.discriminator_parameters, "steps_per_s": steps / elapsed,
+        "discriminator_parameters": network.discriminator_parameters, "steps_per_s": steps / timing["elapsed_s"],
         "samples_per_s": samples_per_s, "flops_per_sample": flops, "tflops_per_s": flops * samples_per_s / 1e12,
-        "mfu": mfu(flops, samples_per_s, device, plan.precision), "peak_memory_bytes": peak,
-        "final_loss": float(loss), "weight_checksum_change": checksum, "ema": ema, "kernels_s_per_step": kernels,
+        "mfu": mfu(flops, samples_per_s, device, plan.precision), "peak_memory_bytes": timing["peak_memory_bytes"],
+        "final_loss": timing["final_loss"], "weight_checksum_change": checksum, "ema": ema,
+        "kernels_s_per_step": kernels,
     }
+
+
+def _time_engine(engine: Engine, net: torch.nn.Module, x: torch.Tensor, generator: torch.Generator, warmup: int,
+                 steps: int, averaged: dict | None, ema_decay: float, device: torch.device) -> dict:
+    """`warmup` untimed then `steps` timed optimizer steps of `engine` on batch `x` (CUDA-synchronised), with
+    the EMA update of `net` after each when `averaged`: elapsed and warm-up seconds, peak memory of the timed steps,
+    the last loss."""
+    t0, t_first = 0.0, time.perf_counter()
+    warmup_s = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            warmup_s = time.perf_counter() - t_first
+            reset_peak_memory(device)
+            t0 = time.perf_counter()
+        loss = engine.micro_step(x, generator, boundary=True, step=i)
+        if averaged is not None:
+            ema_update(averaged, net, ema_decay_at(i, ema_decay))
+    synchronize(device)
+    return {"elapsed_s": time.perf_counter() - t0, "warmup_s": warmup_s, "peak_memory_bytes": peak_memory(device),
+            "final_loss": float(loss)}
 
 
 @dataclass(frozen=True)
@@ -294,7 +296,8 @@ def bench_baseline(cfg: dict, target_shape, batch: int, steps: int, device: torc
 
 @dataclass(frozen=True)
 class Levers:
-    """One configuration of the loop's step. The defaults are the loop's eager step (models/diffusion.py, training/engine.py)."""
+    """One configuration of the loop's step. The defaults are the loop's eager step (models/diffusion.py,
+    training/engine.py)."""
     precision: str = "bf16"  # "bf16" (autocast over fp32 weights) or "fp32" (TF32 convolutions, PyTorch's default)
     channels_last: bool = False  # model and input in torch.channels_last_3d
     flash: bool = True  # use_flash_attention: SDPA in MONAI's attention blocks (the reference config's value)

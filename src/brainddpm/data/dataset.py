@@ -19,10 +19,10 @@ from brainddpm.data.shards import check_volume, open_shard, read_meta, split_fil
 
 
 class ShardDataset(Dataset):
-    """Volumes of a split as float32 tensors of shape (1, D, H, W), in [0, 1].
-
-    With `conditions` set (an (N, 1, dim) array, conditioning.CovariateEncoding.vectors) an item is the
-    pair (volume, its condition vector).
+    """Volumes of a split: every item is the pair (volume, condition vector), the volume a float32 tensor of
+    shape (1, D, H, W) in [0, 1], the condition vector a float32 tensor of shape (1, dim): a row of
+    `conditions` when it is set (an (N, 1, dim) array, conditioning.CovariateEncoding.vectors), else of
+    shape (1, 0) (an unconditional run: no condition).
     """
 
     def __init__(self, shards, verify: bool = False, cache: bool = False):
@@ -72,10 +72,12 @@ class ShardDataset(Dataset):
         self.close()
         return out if out is not None else np.empty((0,), dtype=np.float32)
 
-    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         vol = self._cache[i] if self._cache is not None else self._read(i)
         x = torch.from_numpy(np.asarray(vol, dtype=np.float32))
-        return x if self.conditions is None else (x, torch.from_numpy(self.conditions[i]))
+        if self.conditions is None:
+            return x, torch.zeros(1, 0)  # no condition
+        return x, torch.from_numpy(self.conditions[i])
 
     def close(self) -> None:
         for f in self._handles.values():

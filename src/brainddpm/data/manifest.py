@@ -10,15 +10,14 @@ the subjects of the others.
 from __future__ import annotations
 
 import csv
-import glob
 import logging
 import re
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
+from brainddpm.bids import discover, ids_from_path, image_masks
 from brainddpm.config import covariate_names
 from brainddpm.data.covariates import read_covariates
 from brainddpm.data.nifti import header_info, load_checked
@@ -30,8 +29,6 @@ SPLIT_COLUMNS = ["subject", "session", "dataset", "path", "sha256", "split"]
 EXCLUDED_COLUMNS = ["path", "dataset", "reason"]
 
 log = logging.getLogger(__name__)
-_SUB = re.compile(r"sub-([A-Za-z0-9]+)")
-_SES = re.compile(r"ses-([A-Za-z0-9]+)")
 
 
 def write_tsv(rows: list[dict], columns: list[str], path) -> None:
@@ -53,38 +50,6 @@ def read_tsv(path) -> list[dict]:
 def natural_key(text: str) -> list:
     """Sort key that puts ses-2 before ses-10."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
-def ids_from_path(path: str) -> tuple[str, str]:
-    """Subject and session from BIDS entities in the file name (or its folders); fall back to the stem."""
-    name = Path(path).name
-    sub = _SUB.search(name) or _SUB.search(path)
-    ses = _SES.search(name) or _SES.search(path)
-    stem = name.split(".nii")[0]
-    return (f"sub-{sub.group(1)}" if sub else f"sub-{re.sub(r'[^A-Za-z0-9]', '', stem)}",
-            f"ses-{ses.group(1)}" if ses else "ses-01")
-
-
-def discover(dataset: dict, index: int = 0) -> list[str]:
-    """Image paths of one dataset; a ConfigError naming the key when its root or glob gives no file."""
-    name, key = dataset["name"], f"datasets[{index}] ({dataset['name']})"
-    if "root" in dataset:
-        root = Path(dataset["root"])
-        if not root.is_dir():
-            raise ConfigError(f"config key '{key}.root': {root} does not exist")
-        paths = sorted(glob.glob(str(root / "sub-*" / "**" / "anat" / "*_T1w.nii*"), recursive=True))
-        where = f"{key}.root', no {root}/sub-*/[ses-*/]anat/*_T1w.nii[.gz]"
-    else:
-        paths = sorted(glob.glob(dataset["glob"], recursive=True))
-        where = f"{key}.glob', {dataset['glob']}"
-    paths = [p for p in paths if Path(p).is_file() or not Path(p).exists()]
-    if not paths:
-        raise ConfigError(f"config key '{where}: no file matches")
-    anonymous = sum(1 for p in paths if not _SUB.search(p))
-    if anonymous:
-        log.warning("dataset %s: %d files have no sub-<label> in their path; each is taken as its own subject, "
-                    "so sessions of one person could land in both splits (use BIDS names)", name, anonymous)
-    return paths
 
 
 def read_participants(path, columns: tuple[str, ...] = ()) -> tuple[dict[tuple[str, str], dict], list[str]]:
@@ -130,14 +95,18 @@ def _inspect_or_reason(path: str):
         return exc.reason
 
 
-def manifest_columns(condition: dict | None = None) -> list[str]:
-    """MANIFEST_COLUMNS, then the covariates of `condition` that are not among them."""
-    return MANIFEST_COLUMNS + [c for c in covariate_names(condition) if c not in MANIFEST_COLUMNS]
+def manifest_columns(condition: dict | None = None, masks: bool = False) -> list[str]:
+    """MANIFEST_COLUMNS, `mask` when some dataset has per-image masks, then the covariates of `condition` that
+    are not among them (a run without either writes the table it always wrote)."""
+    columns = MANIFEST_COLUMNS + ["mask"] * masks
+    return columns + [c for c in covariate_names(condition) if c not in columns]
 
 
-def split_columns(condition: dict | None = None) -> list[str]:
-    """SPLIT_COLUMNS, then the covariates of `condition` (they travel on to the shards)."""
-    return SPLIT_COLUMNS + [c for c in covariate_names(condition) if c not in SPLIT_COLUMNS]
+def split_columns(condition: dict | None = None, masks: bool = False) -> list[str]:
+    """SPLIT_COLUMNS, `mask` when images have their own, then the covariates of `condition` (they travel on to
+    the shards)."""
+    columns = SPLIT_COLUMNS + ["mask"] * masks
+    return columns + [c for c in covariate_names(condition) if c not in columns]
 
 
 def _covariate_problem(condition: dict | None, cand: dict) -> str | None:
@@ -193,6 +162,7 @@ def build_manifest(datasets: list[dict], jobs: int = 1, progress: bool = False,
     candidates, excluded, columns = [], [], {}
     for i, ds in enumerate(datasets):
         paths = discover(ds, i)
+        masks = image_masks(ds, paths, i)
         info: dict = {}
         columns[ds["name"]] = (ds.get("participants"), [])
         if ds.get("participants"):
@@ -202,7 +172,9 @@ def build_manifest(datasets: list[dict], jobs: int = 1, progress: bool = False,
             sub, ses = ids_from_path(p)
             extra = info.get((sub, ses)) or info.get((sub, "")) or {}
             cand = {"subject": sub, "session": ses, "dataset": ds["name"], "path": p,
-                    "age": extra.get("age"), "sex": extra.get("sex")}
+                    "age": extra.get("age"), "sex": extra.get("sex"), "participants_row": bool(extra)}
+            if masks:
+                cand["mask"] = masks[p]
             for name in names:  # 'dataset' is the dataset's name, as in the split's stratification
                 cand.setdefault(name, extra.get(name))
             candidates.append(cand)
@@ -210,22 +182,18 @@ def build_manifest(datasets: list[dict], jobs: int = 1, progress: bool = False,
     with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _Serial() as pool:
         results = list(tqdm(pool.map(_inspect_or_reason, [c["path"] for c in candidates]),
                             total=len(candidates), desc="checking images", unit="img", disable=not progress))
-    rows, seen, seen_sha = [], {}, {}
+    rows, seen_sha = [], {}
     for cand, res in zip(candidates, results):
         problem = res if isinstance(res, str) else _covariate_problem(condition, cand)
         if problem:
             excluded.append({"path": cand["path"], "dataset": cand["dataset"], "reason": problem})
             continue
-        key = (cand["dataset"], cand["subject"], cand["session"])
-        if key in seen:
-            reason = f"duplicate subject/session {cand['subject']}/{cand['session']} (kept {seen[key]})"
-        elif res["sha256"] in seen_sha:
-            reason = f"same file content as {seen_sha[res['sha256']]}"
-        else:
-            seen[key], seen_sha[res["sha256"]] = cand["path"], cand["path"]
-            rows.append({**cand, **res})
+        if res["sha256"] in seen_sha:  # one subject and session per image: discover refuses two
+            excluded.append({"path": cand["path"], "dataset": cand["dataset"],
+                             "reason": f"same file content as {seen_sha[res['sha256']]}"})
             continue
-        excluded.append({"path": cand["path"], "dataset": cand["dataset"], "reason": reason})
+        seen_sha[res["sha256"]] = cand["path"]
+        rows.append({**cand, **res})
     return rows, excluded
 
 

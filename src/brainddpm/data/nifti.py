@@ -139,9 +139,9 @@ def load_mask(path, data_cfg: dict) -> np.ndarray:
     return to_grid(img, (data > 0).astype(np.float32), data_cfg) > 0.5
 
 
-def save_volume(vol: np.ndarray, affine: np.ndarray, path) -> None:
-    """Write a float32 NIfTI atomically (temp name, then rename)."""
-    img = nib.Nifti1Image(np.asarray(vol, dtype=np.float32), affine)
+def save_volume(vol: np.ndarray, affine: np.ndarray, path, dtype=np.float32) -> None:
+    """Write a NIfTI (float32, or `dtype`: uint8 for a mask) atomically (temp name, then rename)."""
+    img = nib.Nifti1Image(np.asarray(vol, dtype=dtype), affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=4)  # MNI152 space
     img.set_sform(affine, code=4)

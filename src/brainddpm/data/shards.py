@@ -46,8 +46,10 @@ def _compression(name: str, level: int) -> dict:
 
 
 def write_shard(path, images: np.ndarray, meta: list[dict], affine: np.ndarray, *, dtype: str = "float16",
-                compression: str = "lzf", compression_level: int = 1, attrs: dict | None = None) -> dict:
-    """Write volumes (N, D, H, W) or (N, 1, D, H, W) with per-volume metadata; return a summary."""
+                compression: str = "lzf", compression_level: int = 1, attrs: dict | None = None,
+                raw_images: np.ndarray | None = None) -> dict:
+    """Write volumes (N, D, H, W) or (N, 1, D, H, W) with per-volume metadata; return a summary.
+    `raw_images` (samples with their background masked): the volumes before masking, stored beside."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     images = np.asarray(images)
@@ -59,6 +61,10 @@ def write_shard(path, images: np.ndarray, meta: list[dict], affine: np.ndarray, 
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("images", data=stored, chunks=(1, *stored.shape[1:]) if n else None,
                          shuffle=compression != "none", **_compression(compression, compression_level))
+        if raw_images is not None:
+            f.create_dataset("raw_images", data=np.asarray(raw_images).reshape(stored.shape).astype(dtype),
+                             chunks=(1, *stored.shape[1:]) if n else None, shuffle=compression != "none",
+                             **_compression(compression, compression_level))
         str_dt = h5py.string_dtype()
         f.create_dataset("checksum", data=np.array(checksums, dtype=object), dtype=str_dt)
         for key in STRING_FIELDS:
@@ -125,6 +131,23 @@ def read_volumes(paths, verify: bool = False) -> tuple[np.ndarray, list[dict], n
     return np.concatenate(arrays), meta, affine
 
 
+def read_raw_volumes(paths) -> np.ndarray | None:
+    """The unmasked volumes (`raw_images`) of sample parts written with sample.background: mask, as float32
+    (N, 1, D, H, W); None when no part has them (sample.background: keep: its images are raw), and a
+    BadInputError naming a part without them when others have them."""
+    arrays, without = [], []
+    for p in paths:
+        with open_shard(p) as f:
+            if "raw_images" in f:
+                arrays.append(f["raw_images"][()].astype(np.float32))
+            else:
+                without.append(p)
+    if without and arrays:
+        raise BadInputError(without[0], "no raw_images, where the sampler's other parts have them (sampled with "
+                            "another sample.background)")
+    return np.concatenate(arrays) if arrays else None
+
+
 def check_volume(path, index: int, vol: np.ndarray, expected: str) -> None:
     if volume_checksum(vol) != expected:
         raise BadInputError(path, f"volume {index} does not match its stored checksum (corrupt shard)")
@@ -160,6 +183,20 @@ def split_files(split_dir) -> list[Path]:
     return [split_dir / s["file"] for s in json.loads(index.read_text())["shards"]]
 
 
+def data_description(split_dir) -> dict:
+    """What a model's final file records about its training data: the image grid (shape, affine, intensity range,
+    read from the split's first shard) and, for latent shards (`latent_info`), the latent shape, scale factor and
+    autoencoder (the shape is then the images', not the latents')."""
+    with open_shard(split_files(split_dir)[0]) as f:
+        meta = {"target_shape": [int(s) for s in f.attrs["target_shape"]], "affine": f["affine"][()].tolist(),
+                "intensity_range": [float(v) for v in f.attrs.get("intensity_range", [0.0, 1.0])]}
+    latent = latent_info(split_dir)
+    if latent is not None:
+        meta.update(target_shape=latent["image_shape"], latent_shape=latent["latent_shape"],
+                    scale_factor=latent["scale_factor"], autoencoder_sha256=latent["autoencoder_sha256"])
+    return meta
+
+
 def training_split(shards_dir) -> Path:
     """The training split of a shards folder: the folder itself when it holds index.json, else its train/."""
     shards_dir = Path(shards_dir)
@@ -177,7 +214,8 @@ def shard_latent(path) -> dict | None:
         missing = [k for k in ("scale_factor", "autoencoder_sha256", "image_shape", "latent_shape") if k not in f.attrs]
         if missing:
             raise BadInputError(path, f"a latent shard without the attribute(s) {', '.join(missing)}: encode it again")
-        return {"scale_factor": float(f.attrs["scale_factor"]), "autoencoder_sha256": str(f.attrs["autoencoder_sha256"]),
+        return {"scale_factor": float(f.attrs["scale_factor"]),
+                "autoencoder_sha256": str(f.attrs["autoencoder_sha256"]),
                 "image_shape": json.loads(f.attrs["image_shape"]), "latent_shape": json.loads(f.attrs["latent_shape"])}
 
 

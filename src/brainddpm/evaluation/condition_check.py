@@ -14,7 +14,8 @@ The predictors are then applied to the real validation split (how well the covar
 an image at all: the reference) and to the synthetic volumes, against the covariates each was asked for
 (the sampling plan, stored with the volumes). Reported with percentile-bootstrap 95% CIs over volumes:
 MAE for continuous covariates, accuracy (and the majority-class rate, what guessing gives) for
-categorical ones (predicted ages are clipped to the training range), per stratum, and the effect on the ventricle fraction: its slope against each requested
+categorical ones (predicted ages are clipped to the training range), per stratum, and the effect on the
+ventricle fraction: its slope against each requested
 continuous covariate and, with strata, the difference between the strata asking for the highest and the
 lowest value. On the demo cohort (ventricles that grow with age by construction) the difference
 between age 80 and age 25 must be positive with a CI that excludes zero.

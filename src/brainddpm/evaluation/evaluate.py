@@ -118,15 +118,34 @@ def run_gather(inputs_path: Path, ids_path: Path, chunk_paths: list[Path], out: 
     return doc
 
 
-def run_memorization(mem_cfg: dict, seed: int, train_dir: Path, val_dir: Path, eval_n: int, parts: list[Path],
-                     out: Path) -> dict:
-    train, train_meta, _ = read_volumes(split_files(train_dir))
-    real, _ = select_real(val_dir, eval_n, seed)
+def memorization_of(mem_cfg: dict, seed: int, train: np.ndarray, train_meta: list[dict], real: np.ndarray,
+                    eval_n: int, parts: list[Path]) -> dict:
+    """The memorization check of one sampler's parts: nearest-training-volume correlations, flagged volumes."""
     syn, syn_meta = select_synthetic(parts, eval_n)
     res = metrics.memorization(syn, real, train, percentile=mem_cfg["percentile"], max_train=mem_cfg["max_train"],
                                seed=seed)
     doc = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in res.items()}
     doc["synthetic_ids"] = [m["subject"] for m in syn_meta]
     doc["training_ids"] = [f"{m['dataset']}/{m['subject']}/{m['session']}" for m in train_meta]
+    return doc
+
+
+def run_memorization(mem_cfg: dict, seed: int, train_dir: Path, val_dir: Path, eval_n: int, parts: list[Path],
+                     out: Path) -> dict:
+    """Check every sampler's volumes (`parts` grouped by their folder, samples/{run}/{sampler}/part-*.h5).
+    memorization.json holds the first sampler's check at its top level (what the report draws) and, with
+    more than one sampler, every sampler's under `samplers`."""
+    train, train_meta, _ = read_volumes(split_files(train_dir))
+    real, _ = select_real(val_dir, eval_n, seed)
+    by_sampler: dict[str, list[Path]] = {}
+    for part in map(Path, parts):
+        by_sampler.setdefault(part.parent.name, []).append(part)
+    checks = {s: memorization_of(mem_cfg, seed, train, train_meta, real, eval_n, p) for s, p in by_sampler.items()}
+    doc = dict(next(iter(checks.values())))
+    if len(checks) > 1:
+        doc["samplers"] = checks
+    for sampler, check in checks.items():
+        log.info("memorization, %s: %d of %d synthetic volumes flagged", sampler, len(check["flagged"]),
+                 len(check["synthetic_max_corr"]))
     _json_dump(doc, out)
     return doc

@@ -48,7 +48,7 @@ class CovariateEncoding:
         return {"covariates": [dict(c) for c in self.covariates], "null_fill": NULL_FILL}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CovariateEncoding":
+    def from_dict(cls, d: dict) -> CovariateEncoding:
         return cls(tuple(dict(c) for c in d["covariates"]))
 
     def vector(self, values: dict, strict: bool = True) -> np.ndarray:

@@ -2,17 +2,31 @@
 
 `build_model` turns the `model` config section into MONAI's DiffusionModelUNet (3D, one channel in and
 out); `build_scheduler` and `build_ddim` turn the `scheduler` section into MONAI's DDPM and DDIM
-schedulers with the same betas. `diffusion_loss` is the noise-prediction MSE of Ho et al. (2020), the
-objective of the reference study, written out (what MONAI's DiffusionInferer does) so the random draws
-come from an explicit generator and resume exactly.
+schedulers with the same betas, or (`scheduler.kind: rflow`) MONAI's RFlowScheduler (rectified flow, as
+MAISI-v2). `diffusion_loss` is the noise-prediction MSE of Ho et al. (2020), the objective of the reference
+study, written out (what MONAI's DiffusionInferer does) so the random draws come from an explicit generator
+and resume exactly; under rflow, the velocity (clean volume minus noise) MSE of MONAI's RFlowScheduler.
+
+MONAI's RFlowScheduler, checked in the installed version (MONAI 1.6): `sample_timesteps` draws from torch's
+global RNG, so `rflow_timesteps` draws the same distribution from the training generator (an exact resume
+replays it); `transform_scale` is stored but never passed to `timestep_transform` (neither in
+`set_timesteps` nor in `sample_timesteps`), so it has no effect, as reported for MONAI 1.5.0; `set_timesteps`
+rounds continuous timesteps to float16; MAISI's `scale: 1.4` is the logit-normal scale, inert with its
+`sample_method: uniform`. The defaults here are MAISI-v2's: continuous timesteps, uniform sampling, the
+resolution-dependent timestep transform with MONAI's base of 32x32x32 voxels.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+from monai.networks.schedulers.rectified_flow import timestep_transform
+
+from brainddpm.config import scheduler_kind
 
 
 def build_model(model_cfg: dict, context_dim: int | None = None, channels: int = 1) -> DiffusionModelUNet:
@@ -89,10 +103,42 @@ def _schedule_args(sched_cfg: dict, clip: bool = True) -> dict:
     return args
 
 
-def build_scheduler(sched_cfg: dict, clip: bool = True) -> DDPMScheduler:
-    """MONAI DDPMScheduler (noise-prediction, the reference study's sampler) from the `scheduler` section;
-    `clip`: clip the predicted clean volume to [0, 1] (images; not latents)."""
+def build_rflow(sched_cfg: dict) -> RFlowScheduler:
+    """MONAI RFlowScheduler from the `scheduler` section (`num_train_timesteps`, `rflow.*`)."""
+    rflow = sched_cfg["rflow"]
+    return RFlowScheduler(num_train_timesteps=int(sched_cfg["num_train_timesteps"]),
+                          use_discrete_timesteps=bool(rflow["use_discrete_timesteps"]),
+                          sample_method=rflow["sample_method"], loc=float(rflow["loc"]), scale=float(rflow["scale"]),
+                          use_timestep_transform=bool(rflow["use_timestep_transform"]),
+                          base_img_size_numel=int(rflow["base_img_size_numel"]), spatial_dim=3)
+
+
+def build_scheduler(sched_cfg: dict, clip: bool = True) -> DDPMScheduler | RFlowScheduler:
+    """The training scheduler of the `scheduler` section: MONAI DDPMScheduler (the reference study's), or
+    RFlowScheduler under `kind: rflow`; `clip`: clip the predicted clean volume to [0, 1] (DDPM images; not
+    latents)."""
+    if scheduler_kind(sched_cfg) == "rflow":
+        return build_rflow(sched_cfg)
     return DDPMScheduler(**_schedule_args(sched_cfg, clip))
+
+
+def rflow_timesteps(scheduler: RFlowScheduler, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """`RFlowScheduler.sample_timesteps`, drawn from `generator` (MONAI's draws from the global RNG, which an
+    exact resume cannot replay): uniform or logit-normal in [0, T), discrete when asked, then MONAI's own
+    resolution-dependent `timestep_transform`."""
+    n, total = x.shape[0], scheduler.num_train_timesteps
+    if scheduler.sample_method == "uniform":
+        t = torch.rand((n,), generator=generator, device=x.device) * total
+    else:  # logit-normal: the sigmoid of a normal (torch's one-dimensional LogisticNormal)
+        loc, scale = (float(v) for v in (scheduler.distribution.loc, scheduler.distribution.scale))
+        t = torch.sigmoid(loc + scale * torch.randn((n,), generator=generator, device=x.device)) * total
+    if scheduler.use_discrete_timesteps:
+        t = t.long()
+    if scheduler.use_timestep_transform:
+        t = timestep_transform(t, input_img_size_numel=math.prod(x.shape[2:]),
+                               base_img_size_numel=scheduler.base_img_size_numel, num_train_timesteps=total,
+                               spatial_dim=x.ndim - 2)
+    return t
 
 
 def build_ddim(sched_cfg: dict, steps: int, clip: bool = True) -> DDIMScheduler:
@@ -118,19 +164,26 @@ def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, x: torch.Te
 
     The target follows `scheduler.prediction_type`: the noise ("epsilon", Ho et al. 2020, the study's),
     the velocity ("v_prediction", Salimans & Ho 2022: `scheduler.get_velocity`) or the clean volume
-    ("sample"). `model` may be the bare UNet or a DDP/DeepSpeed/Accelerate wrapper around it. The loss
+    ("sample"); under rflow (an RFlowScheduler) the velocity x - noise at a timestep of `rflow_timesteps`.
+    `model` may be the bare UNet or a DDP/DeepSpeed/Accelerate wrapper around it. The loss
     is computed in fp32 even under bf16 autocast. A conditional model gets its `context`, dropped per
     volume with `drop_prob` (drawn after the noise and timesteps, so an unconditional run's draws are
     exactly what they always were).
     """
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), generator=generator, device=x.device)
+    rflow = isinstance(scheduler, RFlowScheduler)
+    if rflow:
+        t = rflow_timesteps(scheduler, x, generator)
+    else:
+        t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), generator=generator, device=x.device)
     x_t = scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
     if context is None:
         pred = model(x_t, timesteps=t)
     else:
         pred = model(x_t, timesteps=t, context=drop_condition(context, drop_prob, generator))
-    if scheduler.prediction_type == "v_prediction":
+    if rflow:  # MONAI's rectified-flow velocity: from the noise towards the clean volume
+        target = x - noise
+    elif scheduler.prediction_type == "v_prediction":
         target = scheduler.get_velocity(x, noise, t)
     elif scheduler.prediction_type == "sample":
         target = x

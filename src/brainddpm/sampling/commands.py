@@ -1,11 +1,11 @@
-"""The sampling stage's subcommands: sample and condition-plan (the rules of sample.smk), and to-mni."""
+"""The sampling stage's subcommands: sample, mask-rule and condition-plan (the rules of sample.smk), and to-mni."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from brainddpm.commandline import config_args, load_args_config, performance_args, with_performance
+from brainddpm.arguments import config_args, load_args_config, load_config_files, performance_args, with_performance
 from brainddpm.errors import BrainDDPMError
 
 
@@ -15,15 +15,20 @@ def cmd_sample(args) -> None:
 
     cfg = with_performance(load_args_config(args), args)
     run_sample(cfg["sample"], args.checkpoint, args.sampler, args.part, args.out, args.nifti_dir, args.sheet,
-               args.plan, performance_section(cfg), args.autoencoder, cfg.get("decode"))
+               args.plan, performance_section(cfg), args.autoencoder, cfg.get("decode"), args.mask_rule)
+
+
+def cmd_mask_rule(args) -> None:
+    from brainddpm.sampling.background import run_mask_rule
+
+    run_mask_rule(args.train, args.out)
 
 
 def cmd_condition_plan(args) -> None:
-    from brainddpm.config import load_config
     from brainddpm.sampling.plan import run_condition_plan
 
     if args.config:
-        sample = load_config(args.config)["sample"]
+        sample = load_config_files(args.config)["sample"]
         plan_cfg = {"n": sample["n"], "conditions": sample.get("conditions", "match_validation"),
                     "guidance_scale": sample.get("guidance_scale", 1.0)}
     elif args.n is None:
@@ -34,10 +39,9 @@ def cmd_condition_plan(args) -> None:
 
 
 def cmd_to_mni(args) -> None:
-    from brainddpm.config import load_config
     from brainddpm.sampling.sample import resample_to_grid
 
-    grid = load_config(args.config)["data"]["grid"]
+    grid = load_config_files(args.config)["data"]["grid"]
     for path in args.files:
         out = resample_to_grid(path, grid, args.out)
         print(out)
@@ -49,8 +53,9 @@ def add_commands(sub) -> None:
                                    "job PART (volume i always uses seed sample.base_seed + i).")
     config_args(p)
     p.add_argument("--checkpoint", type=Path, required=True, help="model.safetensors of a training run")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], required=True,
-                   help="ddpm (all scheduler steps) or ddim (sample.ddim_steps steps)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "rflow"], required=True,
+                   help="ddpm (all scheduler steps) or ddim (sample.ddim_steps steps) for a DDPM-trained model; "
+                        "rflow (sample.rflow_steps Euler steps) for a rectified-flow one (scheduler.kind: rflow)")
     p.add_argument("--part", type=int, required=True, help="job number, 0..sample.jobs-1")
     p.add_argument("--out", type=Path, required=True, help="output part-XXX.h5")
     p.add_argument("--nifti-dir", type=Path, required=True, help="folder for one NIfTI per volume")
@@ -59,8 +64,21 @@ def add_commands(sub) -> None:
     p.add_argument("--autoencoder", type=Path,
                    help="latent models only: the autoencoder.safetensors whose latents trained the model (it decodes "
                         "the sampled latents; the config's `decode` section says whole or by windows)")
+    p.add_argument("--mask-rule", type=Path,
+                   help="mask_rule.json of `brainddpm mask-rule` (sample.background: mask sets each volume's "
+                        "background to 0 outside its brain mask, written beside it as _mask.nii.gz)")
     performance_args(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("mask-rule", help="choose the brain-mask rule for synthetic volumes on the training split",
+                       description="Write mask_rule.json: the threshold and dilation of the rule that masks "
+                                   "synthetic volumes (threshold, largest component, holes filled, dilated into "
+                                   "non-zero voxels), the tightest pair of a grid that keeps 99.5 % of every "
+                                   "training brain (at most 64 evenly spaced training volumes). Read by "
+                                   "`brainddpm sample` under sample.background: mask.")
+    p.add_argument("--train", type=Path, required=True, help="the training split's shard folder (index.json)")
+    p.add_argument("--out", type=Path, required=True, help="output mask_rule.json")
+    p.set_defaults(func=cmd_mask_rule)
 
     p = sub.add_parser("condition-plan", help="conditional models: which covariates each synthetic volume asks for",
                        description="Write conditions.json: per synthetic volume the covariates it is sampled with "

@@ -1,4 +1,4 @@
-"""Generate synthetic volumes from a trained model (DDPM with all steps, or DDIM).
+"""Generate synthetic volumes from a trained model (DDPM with all steps, DDIM, or rectified flow).
 
 The n requested volumes are cut into fixed batches of `batch` consecutive indices, and each
 sampling job takes whole batches. Volume i starts from noise drawn with seed `base_seed + i` and
@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.networks.schedulers import RFlowScheduler
 
+from brainddpm.config import SAMPLERS_OF, scheduler_kind
 from brainddpm.data.nifti import grid_affine, save_volume
 from brainddpm.data.shards import write_shard
 from brainddpm.device import Performance, pick_device, resolve_performance
@@ -28,7 +30,7 @@ from brainddpm.errors import BadInputError, BrainDDPMError, CheckpointError, Con
 from brainddpm.fileio import atomic_path, sha256_file
 from brainddpm.models.autoencoder import decode_latents, load_autoencoder
 from brainddpm.models.conditioning import NULL_FILL, CovariateEncoding
-from brainddpm.models.diffusion import build_ddim, build_scheduler, use_low_precision_norms
+from brainddpm.models.diffusion import build_ddim, build_rflow, build_scheduler, use_low_precision_norms
 from brainddpm.models.final import load_final
 from brainddpm.sampling.plan import read_plan
 
@@ -82,18 +84,38 @@ def denoise(model, scheduler, seeds: list[int], shape, device: torch.device, pro
             for s in seeds]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     steps = scheduler.timesteps
+    flow = isinstance(scheduler, RFlowScheduler)
+    following = [*steps[1:].tolist(), 0] if flow else []  # rectified flow: each Euler step ends at the next one
     for k, t in enumerate(tqdm(steps, desc="denoising", unit="step", disable=not progress)):
-        tt = torch.full((len(seeds),), int(t), device=device, dtype=torch.long)
+        tt = torch.full((len(seeds),), t.item() if flow else int(t), device=device,
+                        dtype=torch.float32 if flow and t.is_floating_point() else torch.long)
         with autocast:
             eps = guided_output(model, x, tt, context, guidance_scale)
-        x = torch.cat([scheduler.step(eps[i:i + 1], int(t), x[i:i + 1], generator=g)[0] for i, g in enumerate(gens)])
+        if flow:  # deterministic: no step noise, the whole batch at once
+            x = scheduler.step(eps, t.item(), x, following[k])[0]
+        else:
+            x = torch.cat([scheduler.step(eps[i:i + 1], int(t), x[i:i + 1], generator=g)[0]
+                           for i, g in enumerate(gens)])
         if not progress and (k + 1) % max(1, len(steps) // 10) == 0:
             log.info("step %d/%d", k + 1, len(steps))
     return (x.clamp_(0.0, 1.0) if clip else x).cpu()
 
 
-def make_scheduler(config: dict, sampler: str, ddim_steps: int | None):
+def make_scheduler(config: dict, sampler: str, ddim_steps: int | None, rflow_steps: int | None = None):
+    """The sampling scheduler of `sampler` for a model of `config` (its embedded config): ddpm (all steps) or
+    ddim for a DDPM-trained model, rflow for a rectified-flow one; any other pairing is refused, naming both."""
     clip = "latent_shape" not in config["data"]  # images are clipped to [0, 1]; latents are not
+    kind = scheduler_kind(config["scheduler"])
+    if sampler not in SAMPLERS_OF[kind]:
+        raise ConfigError(f"config key 'sample.samplers': the {sampler} sampler cannot sample a model trained with "
+                          f"scheduler.kind {kind}; its samplers: {', '.join(SAMPLERS_OF[kind])}")
+    if sampler == "rflow":
+        if rflow_steps is None:
+            raise ConfigError("config key 'sample.rflow_steps': missing (the rflow sampler needs it)")
+        flow = build_rflow(config["scheduler"])
+        spatial = config["data"].get("latent_shape", [1, *config["data"]["target_shape"]])[1:]
+        flow.set_timesteps(int(rflow_steps), input_img_size_numel=int(np.prod(spatial)))
+        return flow
     if sampler == "ddim":
         if ddim_steps is None:
             raise ConfigError("config key 'sample.ddim_steps': missing (the ddim sampler needs it)")
@@ -167,10 +189,37 @@ def latent_decoder(config: dict, checkpoint: Path, autoencoder: Path | None, dev
     return decoder
 
 
+def background_rule(sample_cfg: dict, mask_rule: Path | None) -> dict | None:
+    """The mask rule that sets the synthetic background to 0 (`sample.background: mask`; background.py), or None
+    (`keep`: the volumes as the network made them; also a sample section without the key, as older runs')."""
+    from brainddpm.sampling.background import read_mask_rule
+
+    if sample_cfg.get("background", "keep") == "keep":
+        return None
+    if mask_rule is None:
+        raise ConfigError("config key 'sample.background': mask needs the mask rule of the training split "
+                          "(--mask-rule, written by `brainddpm mask-rule`); or set sample.background: keep")
+    return read_mask_rule(mask_rule)
+
+
+def write_nifti_files(vols: list, masks: list | None, meta: list[dict], affine, nifti_dir: Path, sampler: str) -> None:
+    """One NIfTI per volume, <subject>_<sampler>.nii.gz, and its brain mask beside it (_mask.nii.gz)."""
+    nifti_dir = Path(nifti_dir)
+    nifti_dir.mkdir(parents=True, exist_ok=True)
+    for k, (vol, m) in enumerate(zip(vols, meta)):
+        save_volume(vol, affine, nifti_dir / f"{m['subject']}_{sampler}.nii.gz")
+        if masks is not None:
+            save_volume(masks[k], affine, nifti_dir / f"{m['subject']}_{sampler}_mask.nii.gz", dtype=np.uint8)
+
+
 def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out: Path, nifti_dir: Path,
                sheet: Path | None = None, plan_path: Path | None = None, performance: dict | None = None,
-               autoencoder: Path | None = None, decode_cfg: dict | None = None) -> dict:
+               autoencoder: Path | None = None, decode_cfg: dict | None = None, mask_rule: Path | None = None) -> dict:
     """Sample the volumes of job `part`; write them as an HDF5 part, one NIfTI each, and a contact sheet.
+
+    With `sample.background: mask`, each volume's background is set to 0 outside its brain mask (`mask_rule`,
+    chosen on the training split: background.py); the mask is written as NIfTI beside the volume, and the
+    unmasked volumes stay in the part as `raw_images` (for the realism probe).
 
     A conditional model samples volume i with the covariates the plan gives it (classifier-free guided with
     the plan's guidance scale); they are stored with the volume (HDF5 and a JSON sidecar next to its NIfTI).
@@ -180,6 +229,7 @@ def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out:
     compiles the network; never on a CPU unless asked).
     """
     device = pick_device(sample_cfg["device"])
+    rule = background_rule(sample_cfg, mask_rule)
     model, config = load_final(checkpoint, device)
     model = fast_model(model, resolve_performance(performance, device))
     decoder = latent_decoder(config, checkpoint, autoencoder, device)
@@ -189,7 +239,7 @@ def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out:
     shape = tuple(config["data"]["target_shape"])
     noise_shape = tuple(config["data"].get("latent_shape", (1, *shape)))
     affine = np.asarray(config["data"]["affine"], dtype=np.float64)
-    scheduler = make_scheduler(config, sampler, sample_cfg.get("ddim_steps"))
+    scheduler = make_scheduler(config, sampler, sample_cfg.get("ddim_steps"), sample_cfg.get("rflow_steps"))
     batches = part_batches(sample_cfg["n"], sample_cfg["batch"], sample_cfg["jobs"], part)
     log.info("%s: %d volumes in %d batches on %s, %d steps", sampler, sum(map(len, batches)), len(batches),
              device, len(scheduler.timesteps))
@@ -210,10 +260,14 @@ def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out:
                          "source_sha256": ckpt_sha})
             if encoding:
                 meta[-1].update(covariates=requested[k]["covariates"], stratum=requested[k]["stratum"])
+    raw, masks = vols, None
+    if rule is not None:
+        from brainddpm.sampling.background import mask_background
+
+        vols, masks = map(list, zip(*(mask_background(v, rule) for v in raw)))
     nifti_dir = Path(nifti_dir)
-    nifti_dir.mkdir(parents=True, exist_ok=True)
-    for vol, m in zip(vols, meta):
-        save_volume(vol, affine, nifti_dir / f"{m['subject']}_{sampler}.nii.gz")
+    write_nifti_files(vols, masks, meta, affine, nifti_dir, sampler)
+    for m in meta:
         if encoding:  # what this volume was asked for, next to it
             sidecar = {"covariates": m["covariates"], "stratum": m["stratum"], "guidance_scale": plan["guidance_scale"],
                        "seed": int(m["session"].removeprefix("seed-")), "sampler": sampler,
@@ -221,8 +275,10 @@ def run_sample(sample_cfg: dict, checkpoint: Path, sampler: str, part: int, out:
             with atomic_path(nifti_dir / f"{m['subject']}_{sampler}.json") as tmp:
                 tmp.write_text(json.dumps(sidecar, indent=1))
     summary = write_shard(out, np.stack(vols), meta, affine, dtype="float32", compression="lzf",
+                          raw_images=np.stack(raw) if rule else None,
                           attrs={"kind": "samples", "sampler": sampler, "checkpoint_step": config.get("step"),
                                  "steps": len(scheduler.timesteps), "part": part,
+                                 "background": "mask" if rule else "keep", **({"mask_rule": rule} if rule else {}),
                                  **({"encoding": encoding.to_dict(), "guidance_scale": plan["guidance_scale"]}
                                     if encoding else {})})
     if sheet is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from brainddpm.commandline import config_args, load_args_config, log, performance_args, with_performance
+from brainddpm.arguments import config_args, load_args_config, log, performance_args, with_performance
 
 
 def _training_config(args, overrides: dict | None = None) -> dict:
@@ -28,9 +28,14 @@ def autoencoder_job_config(args) -> dict:
     """The autoencoder's training config: --config or --config-json, `launch` and `--use-checkpoint` (both kept
     apart from it by the workflow: no rerun triggers) merged in, autoencoder.train over train.*."""
     from brainddpm.config import autoencoder_training
+    from brainddpm.errors import ConfigError
 
     overrides = {"autoencoder": {"use_checkpoint": args.use_checkpoint == "true"}} if args.use_checkpoint else None
-    return autoencoder_training(_training_config(args, overrides))
+    cfg = _training_config(args, overrides)
+    if "use_checkpoint" not in cfg["autoencoder"]:  # a job's --config-json may leave it out: the flag must say it
+        raise ConfigError("config key 'autoencoder.use_checkpoint': missing; pass --use-checkpoint true|false "
+                          "(the workflow's train_autoencoder rule does)")
+    return autoencoder_training(cfg)
 
 
 def cmd_train_autoencoder(args) -> None:

@@ -42,8 +42,7 @@ from brainddpm.config import check_channels_last
 from brainddpm.device import EAGER, Performance
 from brainddpm.errors import ConfigError
 from brainddpm.models.diffusion import use_low_precision_norms
-from brainddpm.training.objectives import Discriminator
-from brainddpm.training.perf import autocast, use_bf16
+from brainddpm.training.precision import autocast, use_bf16
 from brainddpm.training.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -124,13 +123,12 @@ class Engine:
     """One backend behind one interface: `micro_step` runs the forward and backward of one micro-batch and,
     at an accumulation boundary, clips and steps the optimizer. `net` is the bare network (diffusion UNet or
     autoencoder: whose weights are saved and averaged), `objective` its loss (objectives.py), `optimizer` the
-    object whose state is checkpointed. An adversarial loss's `discriminator` (with its own optimizer) is
-    carried here too, and stepped after each micro-step of the main network."""
+    object whose state is checkpointed. After each micro-step the objective finishes its own work
+    (`finish_micro_step`: the adversarial loss steps its discriminator)."""
 
     def __init__(self, train_cfg: dict, plan: RunPlan, runtime: Runtime, net: torch.nn.Module,
-                 objective, performance: Performance = EAGER, discriminator: Discriminator | None = None) -> None:
+                 objective, performance: Performance = EAGER) -> None:
         self.backend, self.plan, self.net, self.objective = train_cfg["backend"], plan, net, objective
-        self.discriminator = discriminator
         self.grad_clip, self.performance = train_cfg["grad_clip"], performance
         self.accelerator: object | None = None
         self.ddp: DistributedDataParallel | None = None
@@ -195,8 +193,7 @@ class Engine:
                 loss = self._micro_step(x, generator, boundary, context, step)
         else:
             loss = self._micro_step(x, generator, boundary, context, step)
-        if self.discriminator is not None and self.discriminator.active(step):
-            self.discriminator.micro_step(*self.objective.last_pair, boundary)
+        self.objective.finish_micro_step(boundary)
         return loss
 
     def _micro_step(self, x: torch.Tensor, generator: torch.Generator, boundary: bool,

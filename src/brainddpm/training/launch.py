@@ -26,8 +26,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import submitit
 import torch
@@ -37,9 +37,10 @@ from brainddpm.config import tasks_per_node, validate_config
 from brainddpm.data.shards import training_split
 from brainddpm.errors import BadInputError, BrainDDPMError, ConfigError
 from brainddpm.fileio import atomic_path
-from brainddpm.training.checkpoint import read_requeues, write_requeues
 from brainddpm.training.loop import train
-from brainddpm.training.progress import PROGRESS, ProgressWatcher
+from brainddpm.training.losslog import LIVE_STATUS, format_duration
+from brainddpm.training.outputs import read_requeues, write_requeues
+from brainddpm.training.tasks import check_kind
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def slurm_parameters(cfg: dict) -> dict:
         "job_name": f"brainddpm-train-{cfg['run']}", "nodes": lc["nodes"], "ntasks_per_node": tasks_per_node(lc),
         "cpus_per_task": lc["cpus_per_task"], "mem": f"{mem:g}G" if float(mem).is_integer() else f"{int(mem * 1024)}M",
         "time": lc["time_min"], "signal_delay_s": lc["signal_delay_s"],
-        "setup": list(lc["setup"]), # --requeue: clusters with JobRequeue=0 would otherwise refuse submitit's `scontrol requeue`
+        # --requeue: clusters with JobRequeue=0 would otherwise refuse submitit's `scontrol requeue`
+        "setup": list(lc["setup"]),
         "additional_parameters": {"requeue": True, **lc["slurm_extra"]},
         # srun does not inherit --cpus-per-task from the allocation on SLURM 22.05-23.02 (DataLoader workers
         # would share one core); --kill-on-bad-exit ends every task when one dies instead of leaving the
@@ -132,7 +134,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.cfg, self.shards_dir, self.out_dir, self.kind = cfg, str(shards_dir), str(out_dir), kind
 
     def __call__(self) -> dict:
-        # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; every GPU of the node stays visible (see runtime.setup_runtime)
+        # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; every GPU of the node stays visible
+        # (see runtime.setup_runtime)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         return train(self.cfg, Path(self.shards_dir), Path(self.out_dir), getattr(self, "kind", "diffusion"))
 
@@ -254,6 +257,48 @@ def _wait_slurm_job(job: submitit.SlurmJob, squeue_every_s: float, grace_s: floa
         time.sleep(1.0)
 
 
+class LiveStatusWatcher:
+    """What `brainddpm train` shows while it waits for the training job: the job's live status file
+    (losslog.LIVE_STATUS: step, loss, samples/s, ETA) as one line rewritten in place on a terminal (stdout), and
+    as a log line every `every_s` seconds (the train rule's log). Reads only; a missing or half-written file
+    shows nothing."""
+
+    def __init__(self, path: Path, every_s: float = 60.0, stream=None) -> None:
+        self.path, self.every_s = Path(path), every_s
+        self.stream = stream if stream is not None else sys.stdout
+        self.terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.seen: float | None = None
+        self.logged_at = 0.0
+
+    def line(self, state: dict) -> str:
+        return (f"training: step {state['step']}/{state['total_steps']} (epoch {state['epoch']}), loss "
+                f"{state['loss']:.4g}, {state['samples_per_s']:.3g} samples/s per process, "
+                f"ETA {format_duration(state.get('eta_s'))}")
+
+    def poll(self) -> str | None:
+        """Show the newest state if it changed; returns the line shown (None when nothing new)."""
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if state.get("time") == self.seen:
+            return None
+        self.seen = state.get("time")
+        text = self.line(state)
+        if self.terminal:
+            self.stream.write("\r" + text.ljust(100))
+            self.stream.flush()
+        if time.monotonic() - self.logged_at >= self.every_s or state["step"] == state["total_steps"]:
+            self.logged_at = time.monotonic()
+            log.info("%s", text)
+        return text
+
+    def close(self) -> None:
+        if self.terminal and self.seen is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
 def wait_training(job: submitit.Job, squeue_every_s: float = 30.0, grace_s: float = 120.0,
                   out_dir: Path | None = None) -> dict:
     """Wait for the job; train.json's content from rank 0, or an error that names the job's logs.
@@ -262,7 +307,7 @@ def wait_training(job: submitit.Job, squeue_every_s: float = 30.0, grace_s: floa
     fails the wait instead of hanging it where sacct does not answer. With `out_dir`, the run's progress
     (step, loss, samples/s, ETA) is shown while waiting: one line on a terminal, else a log line a minute.
     """
-    watcher = ProgressWatcher(Path(out_dir) / "checkpoints" / PROGRESS) if out_dir else None
+    watcher = LiveStatusWatcher(Path(out_dir) / "checkpoints" / LIVE_STATUS) if out_dir else None
     tick = watcher.poll if watcher else (lambda: None)
     try:
         if isinstance(job, submitit.SlurmJob):
@@ -284,6 +329,7 @@ def wait_training(job: submitit.Job, squeue_every_s: float = 30.0, grace_s: floa
 def run_training(cfg: dict, shards_dir: Path, out_dir: Path, kind: str = "diffusion") -> dict:
     """Train the `kind` of model (diffusion or autoencoder, tasks.py) according to launch.executor and wait;
     returns train.json's content. Reruns resume."""
+    check_kind(kind)  # before a job is submitted
     if cfg["launch"]["executor"] == "inprocess":
         check_launch(cfg, shards_dir)
         return train(cfg, Path(shards_dir), Path(out_dir), kind)

@@ -2,9 +2,12 @@
 
 An objective is called by `Engine.micro_step` as `objective(model, x, context, generator, step)` and returns
 the micro-batch's loss; `model` is whatever the backend wrapped (DeepSpeed engine, Accelerate/DDP module, or
-the bare network). Random draws (noise, timesteps, patch corners, condition dropping) come from `generator`,
-whose state is checkpointed, so a resumed run continues exactly. One exception: AutoencoderKL's posterior
-sample (z = mu + sigma * eps) draws eps inside MONAI's forward from the global RNG, which cannot be handed a
+the bare network). After the backward (and, at an accumulation boundary, the optimizer step) of that loss the
+engine calls `objective.finish_micro_step(boundary)`: the adversarial loss steps its discriminator there.
+
+Random draws (noise, timesteps, patch corners, condition dropping) come from `generator`, whose state is
+checkpointed, so a resumed run continues exactly. One exception: AutoencoderKL's posterior sample
+(z = mu + sigma * eps) draws eps inside MONAI's forward from the global RNG, which cannot be handed a
 generator through a backend's wrapper; the global CPU and CUDA states are checkpointed per rank too
 (training/checkpoint.py), and the loop's DataLoader has its own generator so as not to draw from them.
 
@@ -12,8 +15,8 @@ generator through a backend's wrapper; the global CPU and CUDA states are checkp
 * `AutoencoderObjective`: L1 reconstruction + KL (+ MONAI PerceptualLoss) (+ least-squares adversarial loss
   against a `Discriminator`), on whole padded volumes or random patches: the losses of MONAI's 3d_ldm tutorial
   and of Pinaya et al. 2022.
-* `Discriminator`: the adversarial loss's second network and its own optimizer, which the engine carries
-  beside the main one (see its docstring for why it is not a second DeepSpeed engine).
+* `Discriminator`: the adversarial loss's second network and its own optimizer, which the autoencoder's objective
+  owns and steps (see its docstring for why it is not a second DeepSpeed engine).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from brainddpm.errors import ConfigError
 from brainddpm.models.autoencoder import build_discriminator, kl_divergence, pad_to, padded_shape
 from brainddpm.models.diffusion import diffusion_loss
-from brainddpm.training.perf import autocast
+from brainddpm.training.precision import autocast
 
 
 class DiffusionObjective:
@@ -38,6 +41,9 @@ class DiffusionObjective:
 
     def __call__(self, model, x, context, generator, step: int) -> torch.Tensor:
         return diffusion_loss(model, self.scheduler, x, generator, context, self.drop_prob)
+
+    def finish_micro_step(self, boundary: bool) -> None:
+        """Nothing to do after the backward: the DDPM has one network."""
 
 
 def random_patches(x: torch.Tensor, patch, generator: torch.Generator) -> torch.Tensor:
@@ -67,7 +73,8 @@ def perceptual_loss(perceptual_cfg: dict) -> torch.nn.Module:
 
 
 class Discriminator:
-    """The adversarial loss's PatchDiscriminator and its Adam, stepped after the autoencoder's micro-step.
+    """The adversarial loss's PatchDiscriminator and its Adam, stepped by the autoencoder's objective after each of
+    the autoencoder's micro-steps.
 
     Written by hand beside the engine's backends: DeepSpeed drives one optimizer per engine, and a second
     DeepSpeed engine for a network of a few MB would only duplicate its machinery. The discriminator is
@@ -135,7 +142,7 @@ class AutoencoderObjective:
         self.kl_weight = float(ae_cfg["kl_weight"])
         self.perceptual, self.perceptual_weight = perceptual, float(ae_cfg["perceptual"]["weight"])
         self.discriminator = discriminator
-        self.last_pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, reconstruction): the discriminator's
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, reconstruction) for the discriminator
 
     def inputs(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """What the network sees: random patches, or the whole volume padded to `pad_multiple`."""
@@ -151,5 +158,13 @@ class AutoencoderObjective:
             loss = loss + self.perceptual_weight * self.perceptual(reconstruction.float(), x.float())
         if self.discriminator is not None and self.discriminator.active(step):
             loss = loss + self.discriminator.weight * self.discriminator.generator_loss(reconstruction)
-            self.last_pair = (x.detach(), reconstruction.detach())
+            self._pending = (x.detach(), reconstruction.detach())
         return loss
+
+    def finish_micro_step(self, boundary: bool) -> None:
+        """Step the discriminator on this micro-batch's input and reconstruction, once the autoencoder's backward
+        is done (its graph reads the discriminator's weights, which the discriminator's optimizer changes)."""
+        if self._pending is not None:
+            real, fake = self._pending
+            self._pending = None
+            self.discriminator.micro_step(real, fake, boundary)

@@ -6,6 +6,10 @@ on GPUs, gloo on CPUs) from the rendezvous in the environment (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT: exported by submitit's TorchDistributedEnvironment in training/launch.py), with a
 collective timeout so that a dead rank does not stall the others for long. (Which GPU a sampling or
 feature job takes is device.py's `claim_gpu`.)
+
+Preemption: on the signal (SIGUSR2, sent by SLURM or submitit before the time limit) every rank stops at the
+next step boundary (`StopSignal`), the run checkpoints, and `stop_after_checkpoint` hands over to submitit's
+handler, which requeues the job (launch.py); a rerun resumes from that checkpoint (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -85,6 +90,14 @@ def scoped_environment():
                 os.environ[key] = value
 
 
+def setup_logging() -> None:
+    """INFO lines from the training modules, on a root handler of its own when the process has none."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("brainddpm.training").setLevel(logging.INFO)
+
+
+
 def setup_runtime(backend: str, gpus_per_node: int = 0, timeout_s: int = 600) -> Runtime:
     """Pick the device and join the process group (call it inside `scoped_environment`).
 
@@ -123,8 +136,8 @@ class StopSignal:
     """Turns the preemption signal into a flag that the training loop checks at step boundaries.
 
     Checkpointing inside the signal handler could interrupt a collective; the flag waits for a clean
-    boundary, where the ranks agree on it and checkpoint together. `forward` then hands the signal to the
-    handler installed before (submitit's: requeue on rank 0).
+    boundary, where the ranks agree on it and checkpoint together. `hand_over` then calls the handler
+    installed before (submitit's: requeue on rank 0).
     """
 
     def __init__(self) -> None:
@@ -144,7 +157,7 @@ class StopSignal:
             signal.signal(self.signum, self.prev)
             self.installed = False
 
-    def forward(self) -> bool:
+    def hand_over(self) -> bool:
         """Call the previous handler; False when there was none to call."""
         self.restore()
         if callable(self.prev):
@@ -153,5 +166,35 @@ class StopSignal:
         return False
 
 
+def stop_after_checkpoint(stop: StopSignal, runtime: Runtime, step: int, checkpoints: Path) -> None:
+    """After the stop checkpoint: hand over to submitit (rank 0 requeues and exits), or raise."""
+    log.warning("rank %d: preemption signal; checkpoint saved at step %d", runtime.rank, step)
+    # inside submitit, the previous handler is submitit's: on rank 0 it requeues and exits (or raises when
+    # out of requeues); on the other ranks it returns, and they leave quietly
+    if stop.hand_over() and runtime.rank != 0 and os.environ.get("SUBMITIT_EXECUTOR"):
+        raise SystemExit(0)
+    raise TrainingInterrupted(f"training stopped by signal at step {step}; the checkpoint in {checkpoints} "
+                              "lets a rerun resume")
 
 
+TEARDOWN_WATCH_S = 120  # a teardown still running after this dumps every thread's stack to stderr (the job log)
+
+
+def leave_process_group(runtime: Runtime, succeeded: bool = True) -> None:
+    """Destroy the process group this process created for several processes, the ranks together: a barrier
+    first, as PyTorch advises (a rank that destroys while another still uses the group can hang it: seen once
+    on the test cluster, rank 1 of a requeued job never returning after rank 0 had finished). After a failure
+    the group is left to the process's exit instead (a destroy while another rank is in a collective
+    deadlocks; torchtitan does the same). A teardown that takes over TEARDOWN_WATCH_S seconds dumps every
+    thread's stack to stderr, so a hang names itself in the job's log. A group of one stays for later calls
+    in this process: DeepSpeed caches its groups."""
+    import faulthandler
+
+    if not (runtime.owns_group and runtime.world_size > 1 and dist.is_initialized()) or not succeeded:
+        return
+    faulthandler.dump_traceback_later(TEARDOWN_WATCH_S, exit=False)
+    try:
+        dist.barrier()
+        dist.destroy_process_group()
+    finally:
+        faulthandler.cancel_dump_traceback_later()

@@ -12,9 +12,9 @@ The loop (loop.py) and the engine are the same for every model; a `Task` is the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -26,8 +26,8 @@ from brainddpm.models.autoencoder import build_autoencoder, encode_volumes
 from brainddpm.models.conditioning import CovariateEncoding, fit_encoding
 from brainddpm.models.diffusion import build_model, build_scheduler
 from brainddpm.training.engine import RunPlan
+from brainddpm.training.flops import count_flops, flops_per_sample, peak_flops
 from brainddpm.training.objectives import AutoencoderObjective, DiffusionObjective, Discriminator, perceptual_loss
-from brainddpm.training.perf import count_flops, flops_per_sample, peak_flops
 from brainddpm.training.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,18 @@ class Task:
     encoding: CovariateEncoding | None = field(default=None)
 
 
+def check_kind(kind: str) -> None:
+    """A ConfigError for a kind of model that no task trains (before any data is read or job submitted)."""
+    if kind not in KINDS:
+        raise ConfigError(f"training kind {kind!r}: unknown; brainddpm trains {' or '.join(KINDS)} models "
+                          "(`brainddpm train` or `brainddpm train-autoencoder`)")
+
+
 def build_task(kind: str, cfg: dict, dataset: ShardDataset, split: Path, data_meta: dict, runtime: Runtime,
                plan: RunPlan) -> Task:
-    if kind == "autoencoder":
-        return autoencoder_task(cfg, dataset, split, data_meta, runtime, plan)
-    return diffusion_task(cfg, dataset, split, data_meta, runtime, plan)
+    check_kind(kind)
+    build = autoencoder_task if kind == "autoencoder" else diffusion_task
+    return build(cfg, dataset, split, data_meta, runtime, plan)
 
 
 def _check_data_kind(cfg: dict, data_meta: dict, split: Path, kind: str) -> None:
@@ -153,8 +160,7 @@ def latent_scale_factor(ema: dict, ae_cfg: dict, dataset: ShardDataset, device: 
     total, total_sq, count = 0.0, 0.0, 0
     chosen = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), SCALE_VOLUMES)).round().astype(int))
     for i in chosen:
-        item = dataset[i]
-        x = (item[0] if isinstance(item, tuple) else item)[None].to(device)
+        x = dataset[i][0][None].to(device)
         z = encode_volumes(autoencoder, x, ae_cfg).double()
         total, total_sq, count = total + float(z.sum()), total_sq + float(z.square().sum()), count + z.numel()
     mean = total / count

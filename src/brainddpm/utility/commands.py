@@ -2,7 +2,7 @@
 utility.json) and two-sample (the classifier two-sample test of one sampler's volumes).
 
 Their settings are the config's `utility` section, given as JSON (`--settings-json`, as the workflow
-passes it); keys left out take the defaults of brainddpm.utility.protocol.DEFAULTS.
+passes it: only the keys that step uses, brainddpm.reruns); keys left out take the schema's defaults.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from brainddpm.errors import ConfigError
 from brainddpm.fileio import atomic_path
 
 
-def _settings(args, need_target: bool = True) -> dict:
-    from brainddpm.utility.protocol import utility_settings
+def read_settings(args, need_target: bool = True) -> dict:
+    """The `utility` section of --settings-json, checked by the schema and completed with its defaults; the
+    target may be left out where none is needed (the two-sample test)."""
+    from brainddpm.config import validate_config
 
     try:
         given = json.loads(args.settings_json) if args.settings_json else {}
@@ -23,7 +25,10 @@ def _settings(args, need_target: bool = True) -> dict:
         raise ConfigError(f"config key 'utility': --settings-json is not JSON ({exc})") from None
     if not isinstance(given, dict):
         raise ConfigError("config key 'utility': --settings-json must be a JSON object")
-    return utility_settings(given, need_target)
+    settings = validate_config({"utility": given}, partial=True)["utility"]
+    if need_target and not settings["target"]:
+        raise ConfigError("config key 'utility.target': required (the covariate the downstream models predict)")
+    return settings
 
 
 def _write_json(data: dict, out: Path) -> None:
@@ -34,14 +39,14 @@ def _write_json(data: dict, out: Path) -> None:
 def cmd_utility_part(args) -> None:
     from brainddpm.utility.protocol import run_part
 
-    _write_json(run_part(_settings(args), args.train, args.val, args.samples, args.arm, args.repeat), args.out)
+    _write_json(run_part(read_settings(args), args.train, args.val, args.samples, args.arm, args.repeat), args.out)
 
 
 def cmd_utility_gather(args) -> None:
     from brainddpm.utility.protocol import gather, read_parts
 
     parts = read_parts(args.parts)
-    result = gather(parts, _settings(args), args.parts[0])
+    result = gather(parts, read_settings(args), args.parts[0])
     result["generator"] = generator_info(parts, args.run)
     if args.two_sample:
         result["two_sample"] = {Path(p).stem: json.loads(Path(p).read_text()) for p in args.two_sample}
@@ -65,7 +70,7 @@ def cmd_two_sample(args) -> None:
     from brainddpm.utility.protocol import sample_files_info
     from brainddpm.utility.two_sample import two_sample_test
 
-    settings = _settings(args, need_target=False)
+    settings = read_settings(args, need_target=False)
     real, meta, _ = read_volumes(split_files(args.real))
     synthetic, _, _ = read_volumes(args.samples)
     if real.shape[1:] != synthetic.shape[1:]:

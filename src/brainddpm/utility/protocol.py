@@ -12,7 +12,6 @@ nothing is chosen by looking at the test split.
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -26,55 +25,7 @@ from brainddpm.utility.labels import fit_target, read_labelled, read_split
 
 log = logging.getLogger(__name__)
 
-# The defaults of the config's `utility` section, key for key the block at the end of config/config.yaml
-# (a test holds the two equal). `enabled` and `sampler` are the workflow's (whether the stage runs, whose
-# sample parts it reads); the subcommands accept and ignore them.
-DEFAULTS = {
-    "enabled": False,
-    "sampler": None,  # null: the first of sample.samplers
-    "target": None,  # the covariate to predict (required)
-    "target_type": "auto",  # auto (categorical when the values are strings), categorical or continuous
-    "ratios": [0.5, 1.0, 2.0],  # synthetic : real of the mix-<ratio> arms
-    "augment_ratio": 1.0,  # augmented : real of the augmented arm
-    "repeats": 5,  # seeds per arm
-    "seed": 0,
-    "bootstrap": 1000,  # resamples of the test subjects
-    "confidence": 0.95,
-    "models": ["cnn", "linear"],
-    "cnn": {"channels": [8, 16, 32], "strides": [2, 2, 2], "steps": 300, "batch": 8, "lr": 1e-3},
-    "linear": {"components": 20, "c": 1.0, "alpha": 1.0},
-    "two_sample": {"holdout": 0.5, "steps": 200},
-}
 METRICS = {True: ("balanced_accuracy", "auroc"), False: ("mae", "pearson_r")}
-
-
-def utility_settings(given: dict | None = None, need_target: bool = True) -> dict:
-    """The defaults overridden by `given` (the config's `utility` section), checked key by key; the target
-    may be left out where none is needed (the two-sample test)."""
-    settings = copy.deepcopy(DEFAULTS)
-    for key, value in (given or {}).items():
-        if key not in DEFAULTS:
-            raise ConfigError(f"config key 'utility.{key}': unknown (known: {', '.join(DEFAULTS)})")
-        if isinstance(DEFAULTS[key], dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key 'utility.{key}': a mapping expected, got {value!r}")
-            unknown = set(value) - set(DEFAULTS[key])
-            if unknown:
-                raise ConfigError(f"config key 'utility.{key}.{sorted(unknown)[0]}': unknown")
-            settings[key].update(value)
-        else:
-            settings[key] = value
-    if need_target and not settings["target"]:
-        raise ConfigError("config key 'utility.target': required (the covariate the downstream models predict)")
-    unknown = set(settings["models"]) - set(MODELS)
-    if unknown or not settings["models"]:
-        raise ConfigError(f"config key 'utility.models': {sorted(unknown) or '[]'} not among {sorted(MODELS)}")
-    if settings["repeats"] < 1 or settings["bootstrap"] < 1 or not 0 < settings["confidence"] < 1:
-        raise ConfigError("config keys 'utility.repeats', 'utility.bootstrap' must be >= 1 and "
-                          "'utility.confidence' in (0, 1)")
-    if any(float(r) <= 0 for r in settings["ratios"]) or settings["augment_ratio"] <= 0:
-        raise ConfigError("config keys 'utility.ratios' and 'utility.augment_ratio' must be positive")
-    return settings
 
 
 def repeat_seed(settings: dict, repeat: int) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from brainddpm.errors import BadInputError
+from brainddpm.utility.arms import oversample_minority
 from brainddpm.utility.downstream import build_cnn, device, predict_network, train_network
 from brainddpm.utility.protocol import balanced_accuracy, interval
 
@@ -33,13 +34,6 @@ def _split_units(units: list[str], holdout: float, rng) -> tuple[np.ndarray, np.
     return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 
 
-def _balanced(labels: np.ndarray, rng) -> np.ndarray:
-    """Indices that repeat the smaller class until both are the same size (so no class is favoured)."""
-    sizes = np.bincount(labels, minlength=2)
-    extra = [rng.choice(np.flatnonzero(labels == c), size=sizes.max() - sizes[c]) for c in (0, 1)]
-    return np.concatenate([np.arange(len(labels)), *extra])
-
-
 def two_sample_test(real_images: np.ndarray, real_subjects: list[str], synthetic_images: np.ndarray,
                     cnn: dict, holdout: float, bootstrap: int, confidence: float, seed: int) -> dict:
     """Train the CNN of `cnn` (channels, strides, steps, batch, lr) on real vs synthetic; score held-out units."""
@@ -49,7 +43,7 @@ def two_sample_test(real_images: np.ndarray, real_subjects: list[str], synthetic
     synthetic_train, synthetic_held = _split_units(synthetic_units, holdout, rng)
     images = np.concatenate([real_images[real_train], synthetic_images[synthetic_train]])
     labels = np.concatenate([np.zeros(len(real_train), np.int64), np.ones(len(synthetic_train), np.int64)])
-    order = _balanced(labels, rng)
+    order = oversample_minority(labels, rng)  # the smaller side repeated: no class is favoured
     network = build_cnn(images.shape[2:], 2, cnn["channels"], cnn["strides"], True, seed)
     train_network(network, torch.nn.CrossEntropyLoss(), images[order], labels[order], steps=cnn["steps"],
                   batch=cnn["batch"], lr=cnn["lr"], seed=seed, on=device())

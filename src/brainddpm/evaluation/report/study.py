@@ -44,6 +44,32 @@ def floor_verdict(sampler: str, metrics: dict) -> str:
     return f"- **{sampler}**: the synthetic set is {verdict} the real-halves floor: {where}."
 
 
+def diversity_sentence(metrics: dict) -> str | None:
+    """The verdict's clause on diversity: synthetic MS-SSIM against the real set's 95% interval (higher MS-SSIM
+    within a set: its volumes are more alike)."""
+    synthetic, real = metrics.get("msssim_synthetic"), metrics.get("msssim_real")
+    if not synthetic or not real or synthetic.get("value") is None or real.get("value") is None:
+        return None
+    if synthetic["ci_low"] > real["ci_high"]:
+        return f"**less diverse than real**: MS-SSIM {fmt(synthetic)} within the set against {fmt(real)} for real"
+    if synthetic["ci_high"] < real["ci_low"]:
+        return f"more varied than real: MS-SSIM {fmt(synthetic)} within the set against {fmt(real)} for real"
+    return f"as diverse as real: MS-SSIM {fmt(synthetic)} against {fmt(real)}"
+
+
+def sampler_verdict(sampler: str, metrics: dict, realism: dict | None) -> str:
+    """Every measure the run has, weighed: the MMD floor, the realism probes and diversity, one clause each."""
+    from brainddpm.evaluation.report.realism import realism_sentence
+
+    lines = [floor_verdict(sampler, metrics)]
+    if realism is not None:
+        lines.append(f"  It is {realism_sentence(realism)}.")
+    diversity = diversity_sentence(metrics)
+    if diversity:
+        lines.append(f"  It is {diversity}.")
+    return "\n".join(lines)
+
+
 def write_metrics_files(metrics_by_sampler: dict, memo: dict, out: Path, shape: tuple[int, ...] | None = None) -> None:
     header = ["", "MMD (95% CI)", "FID (95% CI)", "MS-SSIM (95% CI)"]
     with atomic_path(out / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
@@ -118,7 +144,8 @@ def plot_memorization(memo: dict, syn: np.ndarray, train: np.ndarray, png: Path,
     save_figure(fig, png, dpi=90)
 
 
-def study_markdown(metrics_by_sampler: dict, memo: dict, train_info: dict, table: str) -> str:
+def study_markdown(metrics_by_sampler: dict, memo: dict, train_info: dict, table: str,
+                   realism: dict[str, dict] | None = None) -> str:
     any_doc = next(iter(metrics_by_sampler.values()))
     n_real, n_syn = len(any_doc["ids"]["real"]), len(any_doc["ids"]["synthetic"])
     lines = [
@@ -127,7 +154,7 @@ def study_markdown(metrics_by_sampler: dict, memo: dict, train_info: dict, table
         f"from {next(iter(any_doc['metrics'].values()))['n_boot']} bootstrap resamples "
         "(real and synthetic resampled independently). Definitions: docs/metrics.md.", "",
         "## Verdict", "",
-        *[floor_verdict(s, d["metrics"]) for s, d in metrics_by_sampler.items()], "",
+        *[sampler_verdict(s, d["metrics"], (realism or {}).get(s)) for s, d in metrics_by_sampler.items()], "",
         "## Metrics (laid out like the reference study)", "", table, "",
         f"For comparison, the {STUDY_VALUES}. MMD here is the MONAI GenerativeModels definition "
         "(the one comparable with the study); MS-SSIM is the mean over pairs within a set, on whole volumes.", "",
@@ -148,7 +175,8 @@ def study_markdown(metrics_by_sampler: dict, memo: dict, train_info: dict, table
         "## Training", "", "![loss](loss.png)", "",
         md_table(["epochs", "steps", "final loss", "wall time (h)", "GPU-hours", "world size", "device"],
                   [[str(train_info.get(k, "–")) for k in ("epochs", "steps")] +
-                   [f"{train_info.get('final_loss', float('nan')):.5f}", f"{train_info.get('wall_time_s', 0) / 3600:.2f}",
+                   [f"{train_info.get('final_loss', float('nan')):.5f}",
+                    f"{train_info.get('wall_time_s', 0) / 3600:.2f}",
                     f"{train_info.get('gpu_hours', 0):.2f}", str(train_info.get("world_size")),
                     str(train_info.get("device"))]]), "",
         "## Real vs synthetic", "", "![slices](slices.png)", "",

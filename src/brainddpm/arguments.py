@@ -1,8 +1,9 @@
-"""What every stage's subcommands share: the `--config`/`--config-json` options and reading them.
+"""The argparse options every stage's subcommands share: `--config`/`--config-json`, `--performance-json`, and
+reading them.
 
-The stages declare their own subcommands (`<stage>/commands.py`), and `cli.py` assembles them; both
-import this module, which imports no stage (and `brainddpm.config` only when a command runs, so that
-`brainddpm --help` stays fast).
+The stages declare their own subcommands (`<stage>/commands.py`), and `cli.py` (the entry point) assembles
+them; both import this module, which imports no stage (and `brainddpm.config` only when a command runs, so
+that `brainddpm --help` stays fast).
 """
 
 from __future__ import annotations
@@ -25,14 +26,33 @@ def config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config-json", metavar="JSON", help="validated config sections as JSON (used by the workflow)")
 
 
+DEFAULTS_FILE = "config/config.yaml"  # every key's default: the first of a command's --config files
+
+
+def load_config_files(paths: list[Path]) -> dict:
+    """`brainddpm.config.load_config`, with a hint when a key is missing because the defaults file is not the
+    first of the files (`--config my.yaml` alone, as one is tempted to type)."""
+    from brainddpm.config import load_config
+    from brainddpm.errors import ConfigError
+
+    try:
+        return load_config(paths)
+    except ConfigError as exc:
+        if "': missing" not in str(exc) or not paths or Path(paths[0]).name == Path(DEFAULTS_FILE).name:
+            raise
+        files = " ".join(str(p) for p in paths)
+        raise ConfigError(f"{exc}; {DEFAULTS_FILE} (every default) comes first, then your own files: "
+                          f"--config {DEFAULTS_FILE} {files}") from None
+
+
 def load_args_config(args, overrides: dict | None = None) -> dict:
     """The configuration that `config_args` asked for, validated (in part, for `--config-json`); `overrides`:
     keys a command takes apart from the config (merged over it, before the validation)."""
-    from brainddpm.config import deep_merge, load_config, validate_config
+    from brainddpm.config import deep_merge, validate_config
 
     if args.config_json:
         return validate_config(deep_merge(json.loads(args.config_json), overrides or {}), partial=True)
-    cfg = load_config(args.config)
+    cfg = load_config_files(args.config)
     return validate_config(deep_merge(cfg, overrides)) if overrides else cfg
 
 

@@ -1,4 +1,5 @@
-"""Throughput helpers shared by the training loop and `brainddpm bench`: precision, FLOPs, MFU, memory.
+"""FLOPs and MFU, shared by the training loop and `brainddpm bench`, with the device facts reported beside
+them (the device's name, its peak memory) and `synchronize` for timing.
 
 FLOPs are counted once with torch.utils.flop_counter.FlopCounterMode on one forward+backward of one
 volume (convolutions, matmuls, attention; elementwise and normalisation ops are not counted, as usual
@@ -10,10 +11,12 @@ on TF32 tensor cores by default). MFU is None on CPUs and on GPUs not in the tab
 from __future__ import annotations
 
 import resource
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from brainddpm.training.precision import autocast
 
 # Dense (no sparsity) peak FLOP/s from the vendors' data sheets, matched against
 # torch.cuda.get_device_name(); the first key contained in the name wins, so the more specific names
@@ -37,23 +40,6 @@ def peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
         return None
     name = device_name(device)
     return next((peaks[precision] for key, peaks in PEAK_FLOPS if key in name), None)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Native bf16 on this GPU. Emulated bf16 (V100, T4, RTX 20xx) is slower than fp32 and does not count."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """train.precision → bf16 or not: "auto" is bf16 on GPUs that have it natively, fp32 elsewhere."""
-    if precision == "auto":
-        return bf16_supported(device)
-    return precision == "bf16"
-
-
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on `device` when `bf16`, else a no-op context."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def flops_per_sample(model: torch.nn.Module, shape, device: torch.device, bf16: bool,

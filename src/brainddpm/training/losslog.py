@@ -1,4 +1,5 @@
-"""The training run's progress: logging setup, the loss log (loss.csv) and its figure (loss.png)."""
+"""The loss log: `StepLog` writes a row of loss.csv per step (and the live status file beside it), `plot_loss`
+draws loss.png from it, `prepare_loss_csv` trims it to a resumed step."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +22,9 @@ from brainddpm.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
-PROGRESS = "progress.json"  # next to checkpoints/loss.csv: the run's last step, for whoever waits on it
+# the live status file, next to checkpoints/loss.csv: the run's last step, loss, speed and ETA, rewritten every few
+# seconds for whoever waits on the run (launch.LiveStatusWatcher)
+LIVE_STATUS = "progress.json"
 
 
 def plot_loss(csv_path: Path, png_path: Path) -> None:
@@ -59,6 +63,13 @@ def plot_loss(csv_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+def loss_log_path(out_dir: Path) -> Path:
+    """The running loss log of the run in `out_dir`: in checkpoints/, not beside the outputs, because Snakemake
+    deletes a rule's outputs (loss.csv among them) before a rerun and the history must survive that; it is
+    copied to `out_dir`/loss.csv at the end (outputs.py)."""
+    return Path(out_dir) / "checkpoints" / "loss.csv"
+
+
 def prepare_loss_csv(path: Path, keep_until_step: int) -> None:
     """loss.csv with the header and the rows up to the resumed step (later ones are redone)."""
     rows = []
@@ -69,12 +80,6 @@ def prepare_loss_csv(path: Path, keep_until_step: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([["step", "epoch", "loss", "lr", "samples_per_s"], *rows])
-
-
-def setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("brainddpm.training").setLevel(logging.INFO)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -93,14 +98,21 @@ class StepLog:
     """The run as it goes, step by step: timing on every rank; on rank 0 (`write`) also a row of the loss log
     per step and a progress line with the loss, samples/s and the ETA: a tqdm bar on a terminal, else a log
     line every `log_every` steps (what `tail -f` on the rule's or the SLURM job's log shows), and a summary
-    line per epoch; and every few seconds `progress.json` beside the loss log, which `brainddpm train`
-    shows while it waits for the job (`ProgressWatcher`). The first step of a job (warm-up, compilation) is
-    not timed."""
+    line per epoch; and every few seconds the live status file (`LIVE_STATUS`) beside the loss log, which
+    `brainddpm train` shows while it waits for the job (launch.py: `LiveStatusWatcher`). The first step of a
+    job (warm-up, compilation) is not timed. On rank 0 the loss log starts with the rows kept up to
+    `start_step` (a resumed run redoes the later ones).
+
+    `mfu` turns samples/s per process into the model FLOPs utilisation (None where it is unknown): the epoch's
+    in the log line, the job's in `mfu` (train.json)."""
 
     def __init__(self, csv_path: Path, total_steps: int, start_step: int, steps_per_epoch: int,
-                 samples_per_step: int, lr: float, log_every: int, write: bool) -> None:
+                 samples_per_step: int, lr: float, log_every: int, write: bool,
+                 mfu: Callable[[float | None], float | None] = lambda samples_per_s: None) -> None:
         self.csv_path, self.total_steps, self.samples_per_step = csv_path, total_steps, samples_per_step
-        self.lr, self.log_every, self.write = lr, log_every, write
+        self.lr, self.log_every, self.write, self._mfu = lr, log_every, write, mfu
+        if write:
+            prepare_loss_csv(csv_path, start_step)
         self.recent: collections.deque = collections.deque(maxlen=steps_per_epoch)  # last epoch's worth of losses
         self.timed_steps, self.timed_s, self.first_step = 0, 0.0, True
         self.epoch_losses: list[float] = []
@@ -118,6 +130,11 @@ class StepLog:
     def samples_per_s(self) -> float | None:
         """Per process, over the timed steps of this job."""
         return self.timed_steps * self.samples_per_step / self.timed_s if self.timed_s > 0 else None
+
+    @property
+    def mfu(self) -> float | None:
+        """Over the timed steps of this job."""
+        return self._mfu(self.samples_per_s)
 
     @property
     def final_loss(self) -> float | None:
@@ -143,7 +160,7 @@ class StepLog:
             self.reported_at = time.monotonic()
             state = {"step": step, "total_steps": self.total_steps, "epoch": epoch, "loss": loss,
                      "samples_per_s": self.samples_per_s or rate, "eta_s": self.eta_s(step), "time": time.time()}
-            with atomic_path(self.csv_path.parent / PROGRESS) as tmp:
+            with atomic_path(self.csv_path.parent / LIVE_STATUS) as tmp:
                 tmp.write_text(json.dumps(state))
         if self.bar is not None:
             self.bar.update(1)
@@ -152,8 +169,9 @@ class StepLog:
             log.info("step %d/%d epoch %d loss %.5g lr %.3g %.3g samples/s/process ETA %s", step, self.total_steps,
                      epoch, loss, self.lr, rate, format_duration(self.eta_s(step)))
 
-    def end_epoch(self, epoch: int, mfu: float | None, peak_memory_bytes: int) -> None:
+    def end_epoch(self, epoch: int, peak_memory_bytes: int) -> None:
         if self.write and self.epoch_losses:
+            mfu = self._mfu(self.epoch_samples_per_s)
             log.info("epoch %d: mean loss %.5g, %.3g samples/s per process, MFU %s, peak memory %.3g GiB", epoch,
                      sum(self.epoch_losses) / len(self.epoch_losses), self.epoch_samples_per_s,
                      "n/a" if mfu is None else f"{mfu:.1%}", peak_memory_bytes / 2**30)
@@ -167,44 +185,3 @@ class StepLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-class ProgressWatcher:
-    """What `brainddpm train` shows while it waits for the training job: the job's `progress.json` (step,
-    loss, samples/s, ETA) as one line rewritten in place on a terminal (stdout), and as a log line every
-    `every_s` seconds (the train rule's log). Reads only; a missing or half-written file shows nothing."""
-
-    def __init__(self, path: Path, every_s: float = 60.0, stream=None) -> None:
-        self.path, self.every_s = Path(path), every_s
-        self.stream = stream if stream is not None else sys.stdout
-        self.terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.seen: float | None = None
-        self.logged_at = 0.0
-
-    def line(self, state: dict) -> str:
-        return (f"training: step {state['step']}/{state['total_steps']} (epoch {state['epoch']}), loss "
-                f"{state['loss']:.4g}, {state['samples_per_s']:.3g} samples/s per process, "
-                f"ETA {format_duration(state.get('eta_s'))}")
-
-    def poll(self) -> str | None:
-        """Show the newest state if it changed; returns the line shown (None when nothing new)."""
-        try:
-            state = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        if state.get("time") == self.seen:
-            return None
-        self.seen = state.get("time")
-        text = self.line(state)
-        if self.terminal:
-            self.stream.write("\r" + text.ljust(100))
-            self.stream.flush()
-        if time.monotonic() - self.logged_at >= self.every_s or state["step"] == state["total_steps"]:
-            self.logged_at = time.monotonic()
-            log.info("%s", text)
-        return text
-
-    def close(self) -> None:
-        if self.terminal and self.seen is not None:
-            self.stream.write("\n")
-            self.stream.flush()
