@@ -27,10 +27,12 @@ def save_figure(fig, png: Path, dpi: int) -> None:
     pyplot().close(fig)
 
 
-def fmt(entry: dict | None, digits: int = 3) -> str:
+def fmt(entry: dict | None, digits: int = 3, signed: bool = False) -> str:
+    """value [ci_low–ci_high]; signed: every number with its sign (a difference)."""
     if not entry or entry.get("value") is None or not np.isfinite(entry["value"]):
         return "–"
-    return f"{entry['value']:.{digits}f} [{entry['ci_low']:.{digits}f}–{entry['ci_high']:.{digits}f}]"
+    spec = f"{'+' if signed else ''}.{digits}f"
+    return f"{entry['value']:{spec}} [{entry['ci_low']:{spec}}–{entry['ci_high']:{spec}}]"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
