@@ -294,3 +294,17 @@ def test_local_training_rules_claim_every_core(tmp_path):
     for rule in ("train_autoencoder", "train"):
         block = _rule_block(out, rule)
         assert f"threads: {min(2, os.cpu_count())}" in block or os.cpu_count() == 1, (rule, block)
+
+
+def test_a_finetuning_run_takes_its_base_model_as_an_input_of_train(tmp_path):
+    """finetune.init_from is an input of `train`: Snakemake orders it after the base and retrains when the base
+    changes; a base that is not there stops the dry run naming its file."""
+    base = tmp_path / "results" / "train" / "controls" / "model.safetensors"
+    over = demo_overrides(tmp_path, finetune={"init_from": "controls"})
+    missing = snakemake("-n", "--configfile", "config/config.yaml", "config/demo.yaml", str(over), check=False)
+    assert missing.returncode != 0 and str(base) in missing.stdout + missing.stderr
+    base.parent.mkdir(parents=True)
+    base.write_bytes(b"a base model")  # a dry run reads no input
+    proc = snakemake("-n", "--profile", "profiles/local", "--configfile", "config/config.yaml", "config/demo.yaml",
+                     str(over))
+    assert str(base) in _rule_block(proc.stdout + proc.stderr, "train")

@@ -410,6 +410,17 @@ def performance_section(cfg: dict) -> dict:
     return section
 
 
+def finetune_base_path(cfg: dict) -> Path | None:
+    """`finetune.init_from` as a file (training/finetune.py), None for a run from scratch: a run name is that
+    run's model in this results folder, anything with a slash or ending in .safetensors a path."""
+    init_from = (cfg.get("finetune") or {}).get("init_from")
+    if not init_from:
+        return None
+    if "/" in init_from or init_from.endswith(".safetensors"):
+        return Path(init_from)
+    return Path(cfg["results"]) / "train" / init_from / "model.safetensors"
+
+
 def is_latent(cfg: dict) -> bool:
     """True when the config asks for latent diffusion (`model.kind: latent`)."""
     return (cfg.get("model") or {}).get("kind", "pixel") == "latent"

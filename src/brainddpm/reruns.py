@@ -48,6 +48,8 @@ def stage_params(cfg: dict, step: str) -> str:
         chosen["scheduler"] = scheduler_section(chosen["scheduler"])
     if "data" in chosen and step != "qc":  # input QC's thresholds and policy are the qc step's alone
         chosen["data"] = {k: v for k, v in chosen["data"].items() if k != "qc"}
+    if step == "train" and (cfg.get("finetune") or {}).get("init_from"):  # a run from scratch: as before
+        chosen["finetune"] = cfg["finetune"]
     return dumps(chosen)
 
 

@@ -5,7 +5,7 @@ import sys
 
 from brainddpm import reruns
 from brainddpm.config import is_conditioned, is_latent
-from brainddpm.config import dumps, utility_enabled, validate_config
+from brainddpm.config import dumps, finetune_base_path, utility_enabled, validate_config
 from brainddpm.bids import preprocess_jobs, preprocessed_paths
 from brainddpm.errors import ConfigError
 from brainddpm.startup import check_site, profile_resources, resolve_account, train_submission
@@ -120,6 +120,8 @@ def latent_files(wildcards):
 
 
 MODEL = f"{TRAIN_DIR}/model.safetensors"
+# a fine-tuning run's base model (finetune.init_from: training/finetune.py), an input of `train`; [] otherwise
+FINETUNE_BASE = str(finetune_base_path(config) or "") or []
 
 
 def training_threads(wildcards):

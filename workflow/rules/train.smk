@@ -12,6 +12,7 @@ if config["launch"]["executor"] == "slurm":
 rule train:
     input:
         index=TRAIN_INDEX,  # the image shards, or for latent diffusion the latent shards (latent.smk)
+        base=FINETUNE_BASE,  # a fine-tuning run's base model (finetune.init_from), else nothing
     output:
         model=protected(MODEL),  # hours of GPU time: never deleted or overwritten by a rerun
         info=f"{TRAIN_DIR}/train.json",

@@ -82,12 +82,13 @@ class Checkpointer:
     """Saves and restores the `TrainState` of a run in `root` (the run's checkpoints/ folder), every rank its part.
 
     `sections`: the config sections a checkpoint must share to be resumed (the task's); `index_sha256`: the
-    training split's index.json, which must be the same too."""
+    training split's index.json, which must be the same too, as must `base_sha256`, the base model's file of
+    a fine-tuning run (finetune.py)."""
 
     def __init__(self, root: Path, cfg: dict, kind: str, runtime: Runtime, plan: RunPlan, index_sha256: str,
-                 sections: tuple[str, ...] = ("model", "scheduler", "seed")) -> None:
+                 sections: tuple[str, ...] = ("model", "scheduler", "seed"), base_sha256: str | None = None) -> None:
         self.root, self.cfg, self.kind, self.runtime, self.plan = Path(root), cfg, kind, runtime, plan
-        self.index_sha256, self.sections = index_sha256, sections
+        self.index_sha256, self.sections, self.base_sha256 = index_sha256, sections, base_sha256
 
     def save(self, state: TrainState) -> Path:
         """Write `state` as the checkpoint of step `state.step` (collectively: every rank calls this)."""
@@ -106,7 +107,8 @@ class Checkpointer:
                 "lr": train_cfg["lr"], "world_size": self.runtime.world_size, "backend": train_cfg["backend"],
                 "zero_stage": train_cfg["zero_stage"], "precision": plan.precision,
                 "wall_time_s": state.wall_time_s(), "final_loss": state.last_loss, "config": self.cfg,
-                "train_index_sha256": self.index_sha256, "kind": self.kind}
+                "train_index_sha256": self.index_sha256, "kind": self.kind,
+                **({"base_sha256": self.base_sha256} if self.base_sha256 else {})}
         return save(self.root, state.step, files, meta, rank=rank, keep_last=train_cfg["keep_last"],
                     barrier=self.runtime.barrier)
 
@@ -153,6 +155,8 @@ class Checkpointer:
         changed += [f"train.{k}" for k in RESULT_KEYS if old["train"][k] != cfg["train"][k]]
         if meta.get("train_index_sha256", self.index_sha256) != self.index_sha256:
             changed.append("the training shards (index.json)")
+        if meta.get("base_sha256") != self.base_sha256:
+            changed.append("base model (finetune.init_from: its file's sha256)")
         if changed:
             raise CheckpointError(f"{path} was trained with a different {', '.join(changed)}; use another run "
                                   f"name, or delete {path.parent} to start afresh")
@@ -172,6 +176,8 @@ def _section(cfg: dict, name: str):
     train.*), without `use_checkpoint` (memory, not results: switching it on after running out of memory must
     resume), and a loss switched off (weight 0) compares equal whatever its other keys say."""
     value = cfg.get(name)
+    if name == "finetune":  # a run from scratch compares equal whether or not its config has the section
+        return value if value and value.get("init_from") else None
     if name == "scheduler" and isinstance(value, dict):
         return scheduler_section(value)
     if name == "autoencoder" and isinstance(value, dict):

@@ -138,7 +138,8 @@ class Engine:
         check_channels_last(train_cfg, performance.channels_last)  # also checked with the config, at startup
         if performance.channels_last and not deepspeed_backend:
             net.to(memory_format=torch.channels_last_3d)  # in place, before DDP builds its buckets
-        optimizer = torch.optim.Adam(net.parameters(), lr=train_cfg["lr"], betas=tuple(train_cfg["betas"]),
+        trainable = [p for p in net.parameters() if p.requires_grad]  # a fine-tuning run's frozen ones are not
+        optimizer = torch.optim.Adam(trainable, lr=train_cfg["lr"], betas=tuple(train_cfg["betas"]),
                                      weight_decay=train_cfg["weight_decay"])
         if self.backend == "deepspeed":
             import deepspeed

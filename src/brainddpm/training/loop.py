@@ -80,7 +80,8 @@ def train(cfg: dict, shards_dir: Path, out_dir: Path, kind: str = "diffusion") -
                         resolve_performance(performance_section(cfg), runtime.device))
         cleanup.callback(engine.close)
         checkpointer = Checkpointer(out_dir / "checkpoints", cfg, kind, runtime, plan,
-                                    sha256_file(split / "index.json"), task.compared_sections)
+                                    sha256_file(split / "index.json"), task.compared_sections,
+                                    task.base.sha256 if task.base else None)
         state = checkpointer.restore(start_state(cfg["seed"], runtime, task, engine, started_at))
         log_start(cfg, kind, runtime, plan, state.step)
         sampler, order, loader = data_order(dataset, plan, runtime, cfg["seed"], train_cfg["num_workers"])

@@ -55,6 +55,10 @@ def run_summary(cfg: dict, out_dir: Path, runtime: Runtime, plan: RunPlan, task:
         "samples_per_s": steps.samples_per_s, "resumed_from_step": state.resumed_from,
         "flops_per_sample": task.flops, "precision": plan.precision, "kind": task.kind,
     }
+    if task.base is not None:  # a fine-tuning run (finetune.py): its base, and how much of it stayed fixed
+        summary["base"] = task.base.provenance()
+        summary["frozen"] = {"prefixes": cfg["finetune"]["freeze"],
+                             "parameters": sum(p.numel() for p in task.net.parameters() if not p.requires_grad)}
     digests = rank_digests(task.net, runtime, "model")
     if state.discriminator is not None:
         summary["discriminator_sha256"] = rank_digests(state.discriminator.net, runtime, "discriminator")

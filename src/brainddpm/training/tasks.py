@@ -26,6 +26,7 @@ from brainddpm.models.autoencoder import build_autoencoder, encode_volumes
 from brainddpm.models.conditioning import CovariateEncoding, fit_encoding
 from brainddpm.models.diffusion import build_model, build_scheduler
 from brainddpm.training.engine import RunPlan
+from brainddpm.training.finetune import Base, check_base, read_base, start_from_base
 from brainddpm.training.flops import count_flops, flops_per_sample, peak_flops
 from brainddpm.training.objectives import AutoencoderObjective, DiffusionObjective, Discriminator, perceptual_loss
 from brainddpm.training.runtime import Runtime
@@ -47,6 +48,7 @@ class Task:
     flops: int | None = None
     discriminator: Discriminator | None = None
     encoding: CovariateEncoding | None = field(default=None)
+    base: Base | None = None  # the model a fine-tuning run starts from (finetune.py)
 
 
 def check_kind(kind: str) -> None:
@@ -79,11 +81,16 @@ def _check_data_kind(cfg: dict, data_meta: dict, split: Path, kind: str) -> None
 def diffusion_task(cfg: dict, dataset: ShardDataset, split: Path, data_meta: dict, runtime: Runtime,
                    plan: RunPlan) -> Task:
     _check_data_kind(cfg, data_meta, split, "diffusion")
-    encoding = condition_dataset(cfg, dataset, split)
+    base = read_base(cfg)
+    if base is not None:
+        check_base(base, cfg, data_meta)
+    encoding = condition_dataset(cfg, dataset, split, base.encoding if base else None)
     context_dim = encoding.dim if encoding else None
     shape = data_meta.get("latent_shape") or [1, *data_meta["target_shape"]]
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     net = build_model(cfg["model"], context_dim, channels=shape[0]).to(runtime.device).train()
+    if base is not None:
+        start_from_base(net, base, cfg["finetune"]["freeze"])
     scheduler = build_scheduler(cfg["scheduler"])
     drop_prob = cfg["condition"]["drop_prob"] if encoding else 0.0
 
@@ -91,12 +98,14 @@ def diffusion_task(cfg: dict, dataset: ShardDataset, split: Path, data_meta: dic
         config = {"model": cfg["model"], "scheduler": cfg["scheduler"], "data": data_meta}
         if encoding is not None:  # sampling needs nothing but this file
             config["condition"] = {**encoding.to_dict(), "drop_prob": cfg["condition"]["drop_prob"]}
+        if base is not None:
+            config["base"] = base.provenance()
         return config
 
     flops = flops_per_sample(net, shape[1:], runtime.device, plan.bf16, scheduler.num_train_timesteps, context_dim,
                              shape[0]) if peak_flops(runtime.device) else None
     return Task("diffusion", net, DiffusionObjective(scheduler, drop_prob), "model.safetensors",
-                ("model", "scheduler", "seed"), final_config, flops, encoding=encoding)
+                ("model", "scheduler", "seed", "finetune"), final_config, flops, encoding=encoding, base=base)
 
 
 def autoencoder_task(cfg: dict, dataset: ShardDataset, split: Path, data_meta: dict, runtime: Runtime,
@@ -169,16 +178,17 @@ def latent_scale_factor(ema: dict, ae_cfg: dict, dataset: ShardDataset, device: 
     return 1.0 / std
 
 
-def condition_dataset(cfg: dict, dataset: ShardDataset, split: Path) -> CovariateEncoding | None:
-    """For a conditional run: fit the covariate encoding on the training split and attach each volume's
-    condition vector to `dataset`; None for an unconditional run (nothing changes)."""
+def condition_dataset(cfg: dict, dataset: ShardDataset, split: Path,
+                      fitted: CovariateEncoding | None = None) -> CovariateEncoding | None:
+    """For a conditional run: fit the covariate encoding on the training split (or take a fine-tuning base's
+    `fitted` one) and attach each volume's condition vector to `dataset`; None for an unconditional run."""
     if not is_conditioned(cfg):
         return None
     if any("covariates" not in m for m in dataset.meta):
         raise BadInputError(split / "index.json", "the training shards hold no covariates: they were written "
                             "without condition.covariates; rerun the data stage with this config")
     covariates = [m["covariates"] for m in dataset.meta]
-    encoding = fit_encoding(cfg["condition"], covariates, source=str(split / "index.json"))
+    encoding = fitted or fit_encoding(cfg["condition"], covariates, source=str(split / "index.json"))
     dataset.conditions = encoding.vectors(covariates)
     log.info("conditioning on %s (vector of %d, drop probability %.2f)", ", ".join(encoding.names), encoding.dim,
              cfg["condition"]["drop_prob"])

@@ -179,6 +179,7 @@ def study_markdown(metrics_by_sampler: dict, memo: dict, train_info: dict, table
                     f"{train_info.get('wall_time_s', 0) / 3600:.2f}",
                     f"{train_info.get('gpu_hours', 0):.2f}", str(train_info.get("world_size")),
                     str(train_info.get("device"))]]), "",
+        *base_lines(train_info),
         "## Real vs synthetic", "", "![slices](slices.png)", "",
         "## Memorization check", "",
         f"Each synthetic volume's maximum Pearson correlation (inside the training brain mask) with any of "
@@ -190,6 +191,18 @@ def study_markdown(metrics_by_sampler: dict, memo: dict, train_info: dict, table
         "![memorization](memorization.png)", "",
     ]
     return "\n".join(lines)
+
+
+def base_lines(train_info: dict) -> list[str]:
+    """A fine-tuning run's base (train.json), named in the training section; nothing for a run from scratch."""
+    base = train_info.get("base")
+    if not base:
+        return []
+    frozen = train_info.get("frozen") or {}
+    kept = (f"; kept fixed: {', '.join(frozen['prefixes'])} ({frozen['parameters']:,} parameters)"
+            if frozen.get("prefixes") else "; every parameter trained")
+    return [f"**Fine-tuned** from the base model {base['run'] or base['path']} (`{base['path']}`, step "
+            f"{base['step']}, sha256 `{base['sha256'][:16]}…`){kept}.", ""]
 
 
 def comparison_markdown(metrics_by_sampler: dict, shape: tuple[int, ...], other_path: Path) -> str:
