@@ -2,7 +2,7 @@
 #   make demo   set up .venv and run the whole pipeline on the embedded synthetic demo cohort
 #   make test   set up .venv and run the test suite
 #   make demo-conditional   the demo with a model conditioned on age and sex (classifier-free guidance)
-#   make demo-latent        latent diffusion at twice the demo's resolution (autoencoder + latent DDPM)
+#   make demo-latent        latent diffusion at twice the demo's resolution (autoencoder + latent rectified flow)
 #   make demo-utility   a rare patient group: does adding synthetic patients help a patient-vs-control classifier?
 #   make demo-raw       raw native-space heads in: preprocessing (N4, deepbet, ANTs registration), input QC, the demo
 # GPU cluster: make install TORCH_INDEX=https://download.pytorch.org/whl/cu126  (see README; LEONARDO: envs/leonardo.sh)

@@ -85,3 +85,18 @@ def test_the_verdict_calls_a_set_the_probe_tells_apart_recognisably_synthetic(wh
     probes = {"whole": {"accuracy": whole, "ci": [whole - 0.05, min(1.0, whole + 0.05)]}}
     probes["whole"]["ci"] = [0.45, 0.7] if whole < 0.75 else probes["whole"]["ci"]
     assert expected in realism_sentence({"probes": probes, "verdict": verdict(probes)})
+
+
+def test_a_set_told_apart_by_its_histogram_alone_is_recognisably_synthetic():
+    """The whole-volume probe near chance does not clear a set whose histogram inside the brain gives it away
+    (the latent demo's case: whole 0.75, histogram 1.0); the unmasked probe alone does not condemn it."""
+    from brainddpm.evaluation.report.realism import realism_sentence
+
+    probes = {"whole": {"accuracy": 0.75, "ci": [0.62, 0.88], "what": "the whole volume"},
+              "histogram": {"accuracy": 1.0, "ci": [1.0, 1.0], "what": "the intensity histogram inside the brain"},
+              "whole_unmasked": {"accuracy": 1.0, "ci": [1.0, 1.0], "what": "the whole volume before masking"}}
+    sentence = realism_sentence({"probes": probes, "verdict": verdict(probes)})
+    assert "**recognisably synthetic**" in sentence and "intensity histogram inside the brain 1.000" in sentence
+    assert "before masking 1.000" not in sentence.split(";")[0]
+    del probes["histogram"]
+    assert "**recognisably synthetic**" not in realism_sentence({"probes": probes, "verdict": verdict(probes)})

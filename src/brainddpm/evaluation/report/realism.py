@@ -10,7 +10,8 @@ from pathlib import Path
 from brainddpm.evaluation.report.common import md_table
 from brainddpm.fileio import atomic_path
 
-RECOGNISABLY_SYNTHETIC = 0.9  # a whole-volume probe at or above this: the set is called recognisably synthetic
+RECOGNISABLY_SYNTHETIC = 0.9  # a probe of the masked volumes at or above this: the set is recognisably synthetic
+MASKED_PROBES = ("whole", "brain", "histogram", "texture")  # the volumes as handed over (not whole_unmasked)
 
 
 def _interval(probe: dict) -> str:
@@ -18,10 +19,14 @@ def _interval(probe: dict) -> str:
 
 
 def realism_sentence(realism: dict) -> str:
-    """The verdict's clause on realism: recognisably synthetic, told apart, or not told apart, and by what."""
-    whole = realism["probes"]["whole"]
-    if whole["accuracy"] >= RECOGNISABLY_SYNTHETIC:
-        lead = f"**recognisably synthetic**: a linear probe tells its volumes from real ones ({_interval(whole)})"
+    """The verdict's clause on realism: recognisably synthetic (any probe of the masked volumes at or above
+    RECOGNISABLY_SYNTHETIC, named), told apart, or not told apart, and by what."""
+    probes = realism["probes"]
+    whole = probes["whole"]
+    telling = [n for n in MASKED_PROBES if n in probes and probes[n]["accuracy"] >= RECOGNISABLY_SYNTHETIC]
+    if telling:
+        named = ", ".join(f"{probes[n].get('what', n)} {_interval(probes[n])}" for n in telling)
+        lead = f"**recognisably synthetic**: a linear probe tells its volumes from real ones ({named})"
     elif realism["verdict"].startswith("no probe"):
         lead = f"not told from real volumes by any probe (whole volume {_interval(whole)})"
     else:
