@@ -63,7 +63,7 @@ RERUNS = {
     **{f"train.{key}": {"train"} for key in ("epochs", "micro_batch", "lr", "ema_decay")},  # ... which sets these
     "autoencoder": {"train_autoencoder"},
     "finetune.init_from": {"train"},  # the diffusion model's base (not the autoencoder's)
-    "finetune.freeze": set(),  # without init_from: refused by training (below: with it, train)
+    "finetune.freeze": set(),  # without init_from: refused at startup (config.py; below: with it, train)
     "autoencoder.use_checkpoint": set(),  # memory, not results: a resource
     "decode": SAMPLE_PARTS | {"reconstruction"},
     "launch": set(), "performance": set(),  # where and how fast: resources and an environment variable
@@ -185,8 +185,12 @@ def test_rflow_keys_rerun_training_and_the_rflow_parts_only():
 def test_finetune_keys_rerun_the_diffusion_training_only():
     """A fine-tuning run's base and frozen parts are its training's params; a run from scratch's params do not
     hold the section at all (they stay what they were before fine-tuning existed)."""
-    tuned = deep_merge(BASE, {"finetune": {"init_from": "controls"}})
+    pixel = deep_merge(BASE, {"model": {"kind": "pixel"}})  # a latent model is not fine-tuned yet
+    tuned = deep_merge(pixel, {"finetune": {"init_from": "controls"}})
     frozen = deep_merge(tuned, {"finetune": {"freeze": ["down_blocks"]}})
-    assert "finetune" not in yaml.safe_load(reruns.stage_params(BASE, "train"))
-    assert len({reruns.stage_params(c, "train") for c in (BASE, tuned, frozen)}) == 3
-    assert len({reruns.autoencoder_params(c) for c in (BASE, tuned, frozen)}) == 1
+    assert "finetune" not in yaml.safe_load(reruns.stage_params(pixel, "train"))
+    assert len({reruns.stage_params(c, "train") for c in (pixel, tuned, frozen)}) == 3
+    assert len({reruns.autoencoder_params(c) for c in (pixel, tuned, frozen)}) == 1
+    # the job gets the base as a file (its config has no `results` to resolve a run name against)
+    base = yaml.safe_load(reruns.stage_params(tuned, "train"))["finetune"]["init_from"]
+    assert base == f"{BASE['results']}/train/controls/model.safetensors"

@@ -123,6 +123,7 @@ def validate_config(cfg: dict, partial: bool = False) -> dict:
 def _check_consistency(cfg: dict) -> None:
     if "model" in cfg:
         _check_model(cfg["model"])
+    _check_finetune(cfg)
     if is_latent(cfg):
         _check_latent(cfg)
     elif {"model", "data"} <= set(cfg):
@@ -410,12 +411,25 @@ def performance_section(cfg: dict) -> dict:
     return section
 
 
+def _check_finetune(cfg: dict) -> None:
+    """finetune.freeze needs a base; a latent model cannot be fine-tuned yet (training/finetune.py)."""
+    finetune = cfg.get("finetune") or {}
+    if finetune.get("freeze") and not finetune.get("init_from"):
+        raise ConfigError("config key 'finetune.freeze' is set without 'finetune.init_from': freezing randomly "
+                          "initialised weights trains nothing useful")
+    if finetune.get("init_from") and is_latent(cfg):
+        raise ConfigError("config key 'finetune.init_from': fine-tuning a latent model is not supported yet (the "
+                          "run would train its own autoencoder, whose latents the base never saw); fine-tune a "
+                          "pixel model, or train the latent model from scratch")
+
+
 def finetune_base_path(cfg: dict) -> Path | None:
     """`finetune.init_from` as a file (training/finetune.py), None for a run from scratch: a run name is that
     run's model in this results folder, anything with a slash or ending in .safetensors a path."""
     init_from = (cfg.get("finetune") or {}).get("init_from")
     if not init_from:
         return None
+    init_from = str(init_from)
     if "/" in init_from or init_from.endswith(".safetensors"):
         return Path(init_from)
     return Path(cfg["results"]) / "train" / init_from / "model.safetensors"

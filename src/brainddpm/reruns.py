@@ -13,7 +13,14 @@ from __future__ import annotations
 import re
 import shlex
 
-from brainddpm.config import autoencoder_training, dumps, is_conditioned, is_latent, scheduler_section
+from brainddpm.config import (
+    autoencoder_training,
+    dumps,
+    finetune_base_path,
+    is_conditioned,
+    is_latent,
+    scheduler_section,
+)
 
 # The steps whose params are whole config sections: (sections, with the condition section of a conditional model)
 STAGE_SECTIONS = {
@@ -48,8 +55,8 @@ def stage_params(cfg: dict, step: str) -> str:
         chosen["scheduler"] = scheduler_section(chosen["scheduler"])
     if "data" in chosen and step != "qc":  # input QC's thresholds and policy are the qc step's alone
         chosen["data"] = {k: v for k, v in chosen["data"].items() if k != "qc"}
-    if step == "train" and (cfg.get("finetune") or {}).get("init_from"):  # a run from scratch: as before
-        chosen["finetune"] = cfg["finetune"]
+    if step == "train" and (base := finetune_base_path(cfg)) is not None:  # a run from scratch: as before
+        chosen["finetune"] = {**cfg["finetune"], "init_from": str(base)}  # a run name as its file (no `results`)
     return dumps(chosen)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from brainddpm.config import deep_merge, finetune_base_path
+from brainddpm.config import deep_merge, finetune_base_path, validate_config
 from brainddpm.data.dataset import ShardDataset
 from brainddpm.errors import CheckpointError, ConfigError
 from brainddpm.fileio import sha256_file
@@ -112,7 +112,7 @@ def test_a_base_of_another_network_is_refused_naming_both_sides(tmp_path):
         check_base(_base(other_ae, tmp_path), cfg, latent)
     conditional = {**same, "condition": {"covariates": [{"name": "age", "type": "continuous", "mean": 60.0,
                                                          "std": 8.0}]}}
-    with pytest.raises(ConfigError, match=r"base is conditioned on \['age'\], this run on nothing"):
+    with pytest.raises(ConfigError, match=r"base is conditioned on \[\('age', 'continuous'\)\], this run on nothing"):
         check_base(_base(conditional, tmp_path), cfg, data)
 
 
@@ -123,11 +123,15 @@ def test_finetune_keys_are_checked_before_training(base, tmp_path):
     assert finetune_base_path(deep_merge(cfg, {"finetune": {"init_from": "controls"}})) == \
         Path(cfg["results"]) / "train" / "controls" / "model.safetensors"
     with pytest.raises(ConfigError, match="'finetune.freeze' is set without 'finetune.init_from'"):
-        read_base(deep_merge(cfg, {"finetune": {"freeze": ["down_blocks"]}}))
+        validate_config(deep_merge(cfg, {"finetune": {"freeze": ["down_blocks"]}}))
+    with pytest.raises(ConfigError, match="fine-tuning a latent model is not supported yet"):
+        validate_config(deep_merge(cfg, {"finetune": {"init_from": "controls"}, "model": {"kind": "latent"}}))
     with pytest.raises(ConfigError, match="'finetune.init_from': .*nowhere.safetensors does not exist"):
         read_base(deep_merge(cfg, {"finetune": {"init_from": str(tmp_path / "nowhere.safetensors")}}))
     found = read_base(finetune_config(base_model))
     net, _ = load_final(base_model)
     with pytest.raises(ConfigError, match="'finetune.freeze': 'encoder' names no parameter .*down_blocks"):
         start_from_base(net, found, ["encoder"])
+    with pytest.raises(ConfigError, match="freezes every parameter"):
+        start_from_base(net, found, sorted({n.split(".")[0] for n, _ in net.named_parameters()}))
     json.dumps(found.provenance())  # plain data, as the final file's metadata needs

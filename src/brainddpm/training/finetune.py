@@ -12,6 +12,8 @@ backends, precision, checkpoints, exact resume and launcher; its budget and lear
 * A conditional base keeps its covariate encoding (the same means, spreads and categories), so the fine-tuned
   model reads the same condition vectors; the run must condition on the same covariates. Adding conditioning
   (or new categories) at fine-tuning time is not supported: it is refused, not improvised.
+* Latent models are not fine-tuned yet (refused at startup, config.py): the run would train its own
+  autoencoder, whose latents the base never saw; reusing the base's autoencoder is left to do.
 * `finetune.freeze`: parameter-name prefixes of MONAI's DiffusionModelUNet (`conv_in`, `time_embed`,
   `down_blocks`, `down_blocks.0`, `middle_block`, `up_blocks`, `out`) whose parameters keep the base's values:
   they get no gradient and are not in the optimizer. A prefix that names no parameter is refused.
@@ -62,12 +64,7 @@ def read_base(cfg: dict) -> Base | None:
     naming the key."""
     path = finetune_base_path(cfg)
     if path is None:
-        if cfg.get("finetune", {}).get("freeze"):
-            raise ConfigError("config key 'finetune.freeze' is set without 'finetune.init_from': freezing "
-                              "randomly initialised weights trains nothing useful")
         return None
-    if path.name == "model.safetensors" and path.parent.name == cfg["run"] and path.parent.parent.name == "train":
-        raise ConfigError(f"config key 'finetune.init_from': {path} is this run's own model; name another run")
     if not path.is_file():
         raise ConfigError(f"config key 'finetune.init_from': {path} does not exist (train the base run first)")
     try:
@@ -108,8 +105,8 @@ def _scheduler(scheduler: dict) -> dict:
 
 
 def _check_condition(base: Base, cfg: dict, where: str) -> None:
-    theirs = [c["name"] for c in base.encoding.covariates] if base.encoding else []
-    ours = [c["name"] for c in (cfg.get("condition") or {}).get("covariates", [])]
+    theirs = [(c["name"], c["type"]) for c in base.encoding.covariates] if base.encoding else []
+    ours = [(c["name"], c["type"]) for c in (cfg.get("condition") or {}).get("covariates", [])]
     if theirs != ours:
         raise ConfigError(f"{where}: the base is conditioned on {theirs or 'nothing'}, this run on "
                           f"{ours or 'nothing'} (condition.covariates); a fine-tuning run keeps the base's "
@@ -126,6 +123,8 @@ def start_from_base(net: torch.nn.Module, base: Base, freeze: list[str]) -> None
             tops = sorted({n.split(".")[0] for n in names})
             raise ConfigError(f"config key 'finetune.freeze': {prefix!r} names no parameter of the UNet; its "
                               f"top-level parts are {', '.join(tops)} (a prefix may go deeper: down_blocks.0)")
+    if all(any(n == p or n.startswith(p + ".") for p in freeze) for n in names):
+        raise ConfigError("config key 'finetune.freeze': it freezes every parameter of the UNet; leave some to train")
     frozen = 0
     for name, parameter in net.named_parameters():
         if any(name == p or name.startswith(p + ".") for p in freeze):

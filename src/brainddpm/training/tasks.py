@@ -189,7 +189,13 @@ def condition_dataset(cfg: dict, dataset: ShardDataset, split: Path,
                             "without condition.covariates; rerun the data stage with this config")
     covariates = [m["covariates"] for m in dataset.meta]
     encoding = fitted or fit_encoding(cfg["condition"], covariates, source=str(split / "index.json"))
-    dataset.conditions = encoding.vectors(covariates)
+    try:
+        dataset.conditions = encoding.vectors(covariates)
+    except (BadInputError, ConfigError) as exc:
+        if fitted is None:
+            raise
+        raise ConfigError(f"config key 'finetune.init_from': the base model's covariate encoding cannot encode "
+                          f"the training split {split / 'index.json'}: {exc}") from None
     log.info("conditioning on %s (vector of %d, drop probability %.2f)", ", ".join(encoding.names), encoding.dim,
              cfg["condition"]["drop_prob"])
     for name in encoding.names:
